@@ -1,0 +1,279 @@
+"""Dataclass configs with validation, YAML/dict round-trips and `key=value` overrides.
+
+Every config in the library is a dataclass deriving from `Config`. Nested configs are plain
+dataclass fields. `apply_overrides(cfg, ["competition.kappa=silu", "top_k=4"])` sets leaves by
+dotted path; a bare leaf name (`kappa=silu`) is accepted when it is unique in the tree.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+C = TypeVar("C", bound="Config")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the problem."""
+
+
+def check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def check_choice(name: str, value: Any, choices: typing.Iterable[Any]) -> None:
+    choices = tuple(choices)
+    check(value in choices, f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+@dataclasses.dataclass
+class Config:
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:  # overridden by subclasses
+        pass
+
+    # --- dict / YAML -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        check(isinstance(data, dict), f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        check(not unknown, f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
+        kwargs = {}
+        for key, value in data.items():
+            sub = _config_type(hints[key])
+            kwargs[key] = sub.from_dict(value) if sub is not None and isinstance(value, dict) else value
+        return cls(**kwargs)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_yaml(cls: type[C], path: str | Path) -> C:
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"cannot read config {path}: {e}") from e
+        return cls.from_dict(data or {})
+
+    def replace(self: C, **changes: Any) -> C:
+        return dataclasses.replace(self, **changes)
+
+
+def _config_type(hint: Any) -> type[Config] | None:
+    """The Config subclass inside a type hint such as `RouterConfig` or `RouterConfig | None`."""
+    candidates = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+    for c in candidates:
+        if isinstance(c, type) and issubclass(c, Config):
+            return c
+    return None
+
+
+def _leaf_paths(cfg: Config, prefix: str = "") -> dict[str, tuple[Config, str]]:
+    out: dict[str, tuple[Config, str]] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, Config):
+            out.update(_leaf_paths(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = (cfg, f.name)
+    return out
+
+
+def _parse_value(text: str, current: Any, hint: Any) -> Any:
+    value = yaml.safe_load(text) if text != "" else ""
+    if value is None:
+        return None
+    if isinstance(current, bool) or hint is bool:
+        check(isinstance(value, bool), f"expected true/false, got {text!r}")
+        return value
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(current, str) and not isinstance(value, str):
+        return str(text)
+    return value
+
+
+def apply_overrides(cfg: C, overrides: typing.Iterable[str] | dict[str, Any]) -> C:
+    """Return a validated copy of `cfg` with `path=value` overrides applied."""
+    items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides]
+    cfg = _deepcopy(cfg)
+    leaves = _leaf_paths(cfg)
+    for key, raw in items:
+        path = _resolve(key, leaves)
+        owner, name = leaves[path]
+        hint = typing.get_type_hints(type(owner))[name]
+        try:
+            value = _parse_value(raw, getattr(owner, name), hint) if isinstance(raw, str) else raw
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        object.__setattr__(owner, name, value)
+    _revalidate(cfg)
+    return cfg
+
+
+def _split(item: str) -> tuple[str, str]:
+    check("=" in item, f"override {item!r} must look like key=value")
+    key, value = item.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def _resolve(key: str, leaves: dict[str, Any]) -> str:
+    if key in leaves:
+        return key
+    matches = [p for p in leaves if p.endswith("." + key)]
+    check(len(matches) == 1, f"unknown config key {key!r}" if not matches
+          else f"ambiguous config key {key!r}: use one of {matches}")
+    return matches[0]
+
+
+def _deepcopy(cfg: C) -> C:
+    return type(cfg).from_dict(cfg.to_dict())
+
+
+def _revalidate(cfg: Config) -> None:
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, Config):
+            _revalidate(value)
+    cfg.validate()
+
+
+# ------------------------------------------------------------------------------------------------
+# The MoE layer (SPEC §1-4) and the competition schedule (SPEC §5)
+# ------------------------------------------------------------------------------------------------
+ROUTERS = ("smoe", "xmoe", "pcosine", "moeut", "sharede_v2", "sharede_v3", "competesmoe")
+ACTIVATIONS = ("relu", "gelu", "silu", "swiglu")
+KAPPAS = ("softplus", "silu", "sigmoid", "relu", "softmax", "norm")
+BALANCE_LOSSES = ("switch", "entropy", "none")
+BACKENDS = ("auto", "grouped_mm", "loop")
+
+
+@dataclasses.dataclass
+class RouterConfig(Config):
+    """Options of the router policies (SPEC §1); each router reads the ones it names."""
+    temperature: float = 0.3        # xmoe, pcosine: logits = cos / temperature
+    proj_dim: int | None = None     # xmoe, pcosine: d_r of the projection P (None: n_routed // 2)
+    cosine_eps: float = 0.1         # pcosine: ε in <z, e> / ((‖z‖+ε)(‖e‖+ε))
+    normalize: bool = False         # moeut: renormalise σ(h)[I] to sum to 1
+    n_shared: int = 1               # sharede_*: always-active experts, taken from the same budget
+    shared_mix: float | None = None  # sharede_*: y = mix·shared + (1−mix)·routed (0.5 for upcycling)
+    routed_scale: float = 1.0       # sharede_v3: scale of the routed weights
+    bias_balance: bool = False      # sharede_v3: auxiliary-loss-free balancing bias
+    bias_rate: float = 1e-3         # sharede_v3: u in b_i += u·sign(mean_load − load_i)
+
+    def validate(self) -> None:
+        check(self.temperature > 0, f"router temperature must be > 0, got {self.temperature}")
+        check(self.proj_dim is None or self.proj_dim >= 1, f"proj_dim must be >= 1, got {self.proj_dim}")
+        check(self.cosine_eps >= 0, f"cosine_eps must be >= 0, got {self.cosine_eps}")
+        check(self.n_shared >= 1, f"n_shared must be >= 1, got {self.n_shared}")
+        check(self.shared_mix is None or 0.0 <= self.shared_mix <= 1.0,
+              f"shared_mix must be in [0, 1], got {self.shared_mix}")
+        check(self.routed_scale > 0, f"routed_scale must be > 0, got {self.routed_scale}")
+        check(self.bias_rate >= 0, f"bias_rate must be >= 0, got {self.bias_rate}")
+
+
+@dataclasses.dataclass
+class CompetitionConfig(Config):
+    """The competition mechanism and its router losses (SPEC §2-3)."""
+    kappa: str = "softplus"         # affinity activation κ (Eq. (13)); "norm" is Eq. (14)
+    distill: str = "paper"          # "paper": t = s_C (sparse winners); "reference": t = softmax(a)
+    alpha: float = 0.1              # Eq. (2) weight on the winners' squared errors
+    gamma: float = 0.01             # weight of L_D in Eq. (5)
+    beta: float = 0.005             # weight of L_div in Eq. (5)
+    detach_router_off_competition: bool = False  # router gets no task gradient after warm-up
+    competition_forward: bool = True  # False: output uses the router even on competition steps
+    chunk_tokens: int | None = None   # tokens per chunk of the all-expert pass (None: automatic)
+    eps: float = 1e-6                 # affinities are clamped to >= eps before normalising
+
+    def validate(self) -> None:
+        check_choice("kappa", self.kappa, KAPPAS)
+        check_choice("distill", self.distill, ("paper", "reference"))
+        for name in ("alpha", "gamma", "beta"):
+            check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        check(self.chunk_tokens is None or self.chunk_tokens >= 1,
+              f"chunk_tokens must be >= 1, got {self.chunk_tokens}")
+        check(self.eps > 0, f"competition eps must be > 0, got {self.eps}")
+
+
+@dataclasses.dataclass
+class LossConfig(Config):
+    """Load-balancing and stability losses (SPEC §4), already weighted in `MoEOutput.aux_loss`."""
+    balance: str = "switch"
+    balance_coef: float = 0.01
+    zloss_coef: float = 0.0
+
+    def validate(self) -> None:
+        check_choice("balance", self.balance, BALANCE_LOSSES)
+        check(self.balance_coef >= 0, f"balance_coef must be >= 0, got {self.balance_coef}")
+        check(self.zloss_coef >= 0, f"zloss_coef must be >= 0, got {self.zloss_coef}")
+
+
+@dataclasses.dataclass
+class MoEConfig(Config):
+    """One MoE layer. `n_experts` and `top_k` count shared experts too (SPEC §1, sharede_*)."""
+    d_model: int
+    d_expert: int
+    n_experts: int
+    top_k: int
+    router: str = "smoe"
+    activation: str = "gelu"
+    bias: bool = False              # expert biases
+    router_bias: bool = False       # bias in the router's linear map
+    backend: str = "auto"           # expert dispatch: grouped_mm where allowed, else a loop
+    router_opts: RouterConfig = dataclasses.field(default_factory=RouterConfig)
+    competition: CompetitionConfig = dataclasses.field(default_factory=CompetitionConfig)
+    losses: LossConfig = dataclasses.field(default_factory=LossConfig)
+
+    @property
+    def n_shared(self) -> int:
+        return self.router_opts.n_shared if self.router.startswith("sharede") else 0
+
+    @property
+    def n_routed(self) -> int:
+        return self.n_experts - self.n_shared
+
+    @property
+    def k_routed(self) -> int:
+        return self.top_k - self.n_shared
+
+    def validate(self) -> None:
+        for name in ("d_model", "d_expert", "n_experts", "top_k"):
+            v = getattr(self, name)
+            check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be an integer >= 1, got {v!r}")
+        check_choice("router", self.router, ROUTERS)
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("backend", self.backend, BACKENDS)
+        check(self.top_k <= self.n_experts, f"top_k={self.top_k} > n_experts={self.n_experts}: K must be <= N")
+        if self.router.startswith("sharede"):
+            check(self.top_k > self.n_shared,
+                  f"{self.router}: top_k={self.top_k} must exceed n_shared={self.n_shared} (K - n_shared routed per token)")
+            check(self.n_routed >= self.k_routed, f"{self.router}: not enough routed experts")
+
+
+@dataclasses.dataclass
+class ScheduleConfig(Config):
+    """The offline competition schedule Λ[l, t] (SPEC §5, Appendix C)."""
+    omega: float = 0.07             # per-layer, per-step Bernoulli probability
+    a_max: int = 3                  # at most this many competing layers per optimizer step
+    warmup: float = 0.0             # fraction of the steps that never compete
+    seed: int = 42
+
+    def validate(self) -> None:
+        check(0.0 <= self.omega <= 1.0, f"omega must be in [0, 1], got {self.omega}")
+        check(isinstance(self.a_max, int) and self.a_max >= 1, f"a_max must be an integer >= 1, got {self.a_max}")
+        check(0.0 <= self.warmup < 1.0, f"warmup must be in [0, 1), got {self.warmup}")

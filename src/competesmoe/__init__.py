@@ -1,0 +1,9 @@
+"""competesmoe: sparse mixture-of-experts trained via competition (arXiv 2505.13380), with fair baselines."""
+from .config import (CompetitionConfig, ConfigError, LossConfig, MoEConfig, RouterConfig, ScheduleConfig,
+                     apply_overrides)
+from .moe import (MoE, MoEOutput, CompetitionSchedule, attach_schedule, moe_layers, on_optimizer_step)
+
+__version__ = "0.1.0"
+__all__ = ["MoE", "MoEConfig", "MoEOutput", "RouterConfig", "CompetitionConfig", "LossConfig",
+           "ScheduleConfig", "CompetitionSchedule", "attach_schedule", "on_optimizer_step", "moe_layers",
+           "apply_overrides", "ConfigError"]

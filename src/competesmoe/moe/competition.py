@@ -1,0 +1,81 @@
+"""The competition mechanism (Section 2.2) and its router losses (Section 2.3.1).
+
+Affinities are computed in float32. Shapes: T tokens, D d_model, N experts, K winners per token.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_ELEMENTWISE = {"softplus": F.softplus, "silu": F.silu, "sigmoid": torch.sigmoid, "relu": F.relu}
+
+
+def affinity(out_XD: torch.Tensor, kappa: str, lse_XD: torch.Tensor | None = None) -> torch.Tensor:
+    """a = mean_d κ(g(x))_d (Eq. (13)); `norm`: a = ‖g(x)‖₂ (Eq. (14)).
+
+    `softmax` is taken across experts for each output coordinate, a_i = mean_d softmax_i(g(x)_d),
+    given the per-coordinate log-normaliser `lse_XD` (a softmax over the output dimension alone has
+    mean 1/D for every expert and could not rank them).
+    """
+    o = out_XD.float()
+    if kappa == "norm":
+        return o.norm(dim=-1)
+    if kappa == "softmax":
+        if lse_XD is None:
+            raise ValueError("kappa='softmax' needs the log-normaliser over experts (lse_XD)")
+        return (o - lse_XD).exp().mean(dim=-1)
+    return _ELEMENTWISE[kappa](o).mean(dim=-1)
+
+
+@torch.no_grad()
+def all_affinities(experts, x_TD: torch.Tensor, kappa: str, chunk_tokens: int
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Affinities of every expert for every token, a_TN, without an autograd graph.
+
+    Runs all experts on `chunk_tokens` tokens at a time so the [N, chunk, D] buffer stays bounded.
+    For `softmax` it also returns the per-coordinate log-normaliser over experts, lse_TD.
+    """
+    a_chunks, lse_chunks = [], []
+    for x_cD in x_TD.split(chunk_tokens):
+        out_NcD = experts.forward_all(x_cD).float()
+        lse_cD = out_NcD.logsumexp(dim=0) if kappa == "softmax" else None
+        a_chunks.append(affinity(out_NcD, kappa, lse_cD).T)
+        lse_chunks.append(lse_cD)
+        del out_NcD
+    lse_TD = torch.cat(lse_chunks) if kappa == "softmax" else None
+    return torch.cat(a_chunks), lse_TD
+
+
+def winner_weights(a_TK: torch.Tensor, eps: float) -> torch.Tensor:
+    """s_C = TopK₀(a) normalised over the winners (step 3).
+
+    Affinities are clamped to >= eps first, so the weights are defined for every κ: winners whose
+    affinity is <= eps (possible with silu or relu) share the weight of eps; if all are, weights are 1/K.
+    """
+    a_TK = a_TK.clamp_min(eps)
+    return a_TK / a_TK.sum(dim=-1, keepdim=True)
+
+
+def distillation_loss(logits_TN: torch.Tensor, target_TN: torch.Tensor, winners_TK: torch.Tensor,
+                      alpha: float) -> torch.Tensor:
+    """Eq. (2): MSE(p_R, t) + (α/K) Σ_{j∈I_C} (t_j − p_R,j)², p_R = softmax(h) over all N, t detached."""
+    K = winners_TK.shape[-1]
+    p_TN = logits_TN.float().softmax(dim=-1)
+    t_TN = target_TN.detach().float()
+    mse = (p_TN - t_TN).square().mean(dim=-1)
+    winners_sq = (t_TN.gather(-1, winners_TK) - p_TN.gather(-1, winners_TK)).square().sum(dim=-1)
+    return (mse + alpha / K * winners_sq).mean()
+
+
+def diversity_loss(out_TKD: torch.Tensor) -> torch.Tensor:
+    """Eq. (3): mean off-diagonal cosine similarity of the K winners' outputs, averaged over tokens.
+
+    Divides by K(K−1) as the paper does (the released code divides by K²). 0 when K = 1.
+    """
+    K = out_TKD.shape[1]
+    if K < 2:
+        return out_TKD.new_zeros((), dtype=torch.float32)
+    o_TKD = F.normalize(out_TKD.float(), dim=-1)
+    C_TKK = o_TKD @ o_TKD.transpose(1, 2)
+    off_diag = C_TKK.sum(dim=(1, 2)) - C_TKK.diagonal(dim1=1, dim2=2).sum(dim=-1)
+    return (off_diag / (K * (K - 1))).mean()

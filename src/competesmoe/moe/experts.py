@@ -1,0 +1,146 @@
+"""Expert weights and router-agnostic dispatch.
+
+`Experts` holds N feed-forward experts as stacked weights and applies them three ways:
+  * `forward(x_TD, idx_TK)`  -> out_TKD: expert idx[t, k] applied to token t (dropless, sparse);
+  * `forward_all(x_TD)`      -> out_NTD: every expert on every token (competition, analysis);
+  * `combine(out_TKD, w_TK)` -> y_TD:   the routing-weighted sum.
+Sparse dispatch sorts the (token, choice) pairs by expert and runs one grouped matmul per weight
+(`torch.nn.functional.grouped_mm`) where device, dtype and strides allow it, else a loop over experts.
+
+Shapes: T tokens, D d_model, N experts, K choices per token, H expert width, M = T·K (pairs).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_ACTS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on `x` runs in: the autocast dtype when autocast is on for its device."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """grouped_mm needs 16-byte aligned base pointers and strides (apart from the unit stride)."""
+    es = t.element_size()
+    return t.data_ptr() % 16 == 0 and all((s * es) % 16 == 0 for s in t.stride() if s != 1)
+
+
+class Experts(nn.Module):
+    """N FFN experts `g_i(x) = W2_i φ(W1_i x)`; `swiglu`: `W2_i (silu(G_i x) ⊙ U_i x)`."""
+
+    def __init__(self, n_experts: int, d_model: int, d_expert: int, activation: str = "gelu",
+                 bias: bool = False, backend: str = "auto") -> None:
+        super().__init__()
+        self.n_experts, self.d_model, self.d_expert = n_experts, d_model, d_expert
+        self.activation, self.backend = activation, backend
+        self.gated = activation == "swiglu"
+        h_in = 2 * d_expert if self.gated else d_expert  # swiglu: [gate | up]
+        self.w1 = nn.Parameter(torch.empty(n_experts, d_model, h_in))
+        self.w2 = nn.Parameter(torch.empty(n_experts, d_expert, d_model))
+        self.b1 = nn.Parameter(torch.zeros(n_experts, h_in)) if bias else None
+        self.b2 = nn.Parameter(torch.zeros(n_experts, d_model)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), per expert.
+        nn.init.uniform_(self.w1, -1 / math.sqrt(self.d_model), 1 / math.sqrt(self.d_model))
+        nn.init.uniform_(self.w2, -1 / math.sqrt(self.d_expert), 1 / math.sqrt(self.d_expert))
+        for b in (self.b1, self.b2):
+            if b is not None:
+                nn.init.zeros_(b)
+
+    def extra_repr(self) -> str:
+        return (f"n_experts={self.n_experts}, d_model={self.d_model}, d_expert={self.d_expert}, "
+                f"activation={self.activation}, bias={self.b1 is not None}, backend={self.backend}")
+
+    def _act(self, h: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            return F.silu(gate) * up
+        return _ACTS[self.activation](h)
+
+    # --- all experts on all tokens ---------------------------------------------------------------
+    def forward_all(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """Every expert applied to every token: [N, T, D]."""
+        dt = compute_dtype(x_TD)
+        h_NTH = torch.matmul(x_TD.to(dt), self.w1.to(dt))
+        if self.b1 is not None:
+            h_NTH = h_NTH + self.b1.to(dt)[:, None, :]
+        out_NTD = torch.matmul(self._act(h_NTH), self.w2.to(dt))
+        if self.b2 is not None:
+            out_NTD = out_NTD + self.b2.to(dt)[:, None, :]
+        return out_NTD
+
+    # --- sparse dispatch ---------------------------------------------------------------------------
+    def forward(self, x_TD: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:
+        """Expert `idx_TK[t, k]` applied to token t: [T, K, D] (unweighted)."""
+        T, K = idx_TK.shape
+        dt = compute_dtype(x_TD)
+        flat_M = idx_TK.reshape(-1)
+        order_M = flat_M.argsort(stable=True)                 # pairs sorted by expert
+        e_M = flat_M.index_select(0, order_M)                 # expert of each sorted pair
+        counts_N = torch.bincount(flat_M, minlength=self.n_experts)
+        x_MD = x_TD.to(dt).index_select(0, order_M // K)
+        w1, w2 = self.w1.to(dt), self.w2.to(dt)
+        b1 = None if self.b1 is None else self.b1.to(dt)
+        b2 = None if self.b2 is None else self.b2.to(dt)
+        if self._use_grouped_mm(x_MD, w1, w2):
+            offs = counts_N.cumsum(0).to(torch.int32)
+            h_MH = F.grouped_mm(x_MD, w1, offs=offs)
+            if b1 is not None:
+                h_MH = h_MH + b1.index_select(0, e_M)
+            out_MD = F.grouped_mm(self._act(h_MH), w2, offs=offs)
+            if b2 is not None:
+                out_MD = out_MD + b2.index_select(0, e_M)
+        else:
+            out_MD = self._loop(x_MD, w1, w2, b1, b2, counts_N.tolist())
+        return out_MD.index_select(0, order_M.argsort()).view(T, K, -1)
+
+    def _loop(self, x_MD, w1, w2, b1, b2, counts: list[int]) -> torch.Tensor:
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            h = x_MD[start:start + n] @ w1[e]
+            h = h if b1 is None else h + b1[e]
+            out = self._act(h) @ w2[e]
+            outs.append(out if b2 is None else out + b2[e])
+            start += n
+        return torch.cat(outs) if outs else x_MD.new_zeros(0, self.d_model)
+
+    def _use_grouped_mm(self, x_MD, w1, w2) -> bool:
+        ok = (self.backend != "loop" and hasattr(F, "grouped_mm") and x_MD.shape[0] > 0
+              and x_MD.dtype in (torch.float32, torch.bfloat16)
+              and (x_MD.device.type == "cpu" or x_MD.dtype == torch.bfloat16)
+              and (self.d_expert * x_MD.element_size()) % 16 == 0
+              and _aligned(x_MD) and _aligned(w1) and _aligned(w2))
+        if self.backend == "grouped_mm" and not ok:
+            raise RuntimeError(
+                f"backend='grouped_mm' is not possible here (device={x_MD.device.type}, dtype={x_MD.dtype}, "
+                f"d_model={self.d_model}, d_expert={self.d_expert}: sizes must give 16-byte strides); use 'auto'")
+        return ok
+
+    @staticmethod
+    def combine(out_TKD: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
+        """y_t = Σ_k w[t, k] · out[t, k]  (Eq. (1))."""
+        return torch.bmm(w_TK.to(out_TKD.dtype).unsqueeze(1), out_TKD).squeeze(1)
+
+
+class FFN(nn.Module):
+    """A dense FFN with the experts' parametrisation (shared experts, dense baselines)."""
+
+    def __init__(self, d_model: int, d_hidden: int, activation: str = "gelu", bias: bool = False) -> None:
+        super().__init__()
+        self.inner = Experts(1, d_model, d_hidden, activation, bias, backend="loop")
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return self.inner.forward_all(x_TD)[0]

@@ -1,0 +1,181 @@
+"""`MoE`: router + experts (+ shared experts) + the competition on scheduled steps.
+
+A normal step routes each token with the router policy (SPEC §1). A competition step (training only,
+`router="competesmoe"`) runs every expert without a graph to find the winners by affinity, then
+recomputes only the winners on the sparse path with gradients (SPEC §2), and adds the distillation and
+diversity losses (SPEC §3). Shapes: T tokens, D d_model, N routed experts, K routed choices.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import MoEConfig
+from . import competition as comp
+from .experts import FFN, Experts
+from .losses import entropy_loss, switch_loss, z_loss
+from .routers import build_router
+from .schedule import CompetitionSchedule
+
+# Element budget of the all-expert buffer [N, chunk, D] on a competition step (automatic chunking).
+_AUTO_CHUNK_ELEMENTS = 1 << 25
+
+
+@dataclass
+class MoEOutput:
+    y: torch.Tensor                 # [..., D], same shape as the input
+    aux_loss: torch.Tensor          # scalar: every auxiliary loss of this layer, already weighted
+    indices: torch.Tensor           # [T, K_routed] realised routing (routed experts only)
+    weights: torch.Tensor           # [T, K_routed]
+    router_logits: torch.Tensor     # [T, N_routed], before selection
+    competed: bool = False
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars for logging
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.router = build_router(cfg)
+        self.experts = Experts(cfg.n_routed, cfg.d_model, cfg.d_expert, cfg.activation, cfg.bias, cfg.backend)
+        self.shared = (FFN(cfg.d_model, cfg.n_shared * cfg.d_expert, cfg.activation, cfg.bias)
+                       if cfg.n_shared else None)
+        # Set by `attach_schedule`; kept outside the module tree (not parameters, not buffers).
+        self.schedule: CompetitionSchedule | None = None
+        self.layer_index: int | None = None
+
+    # --- public helpers ----------------------------------------------------------------------------
+    def expert_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Every routed expert on every token: [N_routed, T, D] (T = all leading dims flattened)."""
+        return self.experts.forward_all(x.reshape(-1, self.cfg.d_model))
+
+    @torch.no_grad()
+    def competition_winners(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Analysis mode: the competition's winners I_C and weights s_C, [T, K], for any router."""
+        x_TD = x.reshape(-1, self.cfg.d_model)
+        a_TN, lse_TD = comp.all_affinities(self.experts, x_TD, self.cfg.competition.kappa, self._chunk(x_TD))
+        a_TK, win_TK = a_TN.topk(self.cfg.k_routed, dim=-1)
+        return win_TK, comp.winner_weights(a_TK, self.cfg.competition.eps)
+
+    def will_compete(self, compete: bool | None = None) -> bool:
+        if not self.training:
+            return False  # evaluation never competes
+        if compete is None:
+            return (self.cfg.router == "competesmoe" and self.schedule is not None
+                    and self.schedule.competes(self.layer_index))
+        if compete and self.cfg.router != "competesmoe":
+            raise ValueError(f"compete=True needs router='competesmoe', this layer uses {self.cfg.router!r}")
+        return compete
+
+    def after_optimizer_step(self) -> None:
+        """Updates outside autograd (the DeepSeek-V3 balancing bias)."""
+        update = getattr(self.router, "update_bias", None)
+        if update is not None:
+            update()
+
+    # --- forward -----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, compete: bool | None = None) -> MoEOutput:
+        cfg = self.cfg
+        if x.shape[-1] != cfg.d_model:
+            raise ValueError(f"MoE expects inputs [..., d_model={cfg.d_model}], got shape {tuple(x.shape)}")
+        x_TD = x.reshape(-1, cfg.d_model)
+        routing = self.router(x_TD)
+        stats: dict[str, torch.Tensor] = {}
+        aux = x_TD.new_zeros((), dtype=torch.float32)
+
+        competed = self.will_compete(compete)
+        if competed:
+            y_TD, idx_TK, w_TK, comp_loss = self._compete(x_TD, routing, stats)
+            aux = aux + comp_loss
+        else:
+            idx_TK, w_TK = routing.idx_TK, routing.w_TK
+            if cfg.competition.detach_router_off_competition and self.training and self._past_warmup():
+                w_TK = w_TK.detach()  # Eq. (5) read literally: the router learns from the competition only
+            y_TD = Experts.combine(self.experts(x_TD, idx_TK), w_TK)
+
+        if self.shared is not None:
+            shared_TD = self.shared(x_TD)
+            mix = cfg.router_opts.shared_mix
+            y_TD = shared_TD + y_TD if mix is None else mix * shared_TD + (1 - mix) * y_TD
+
+        aux = aux + self._balance_losses(routing.logits_TN, idx_TK, x.shape, stats)
+        return MoEOutput(y_TD.view(x.shape), aux, idx_TK, w_TK, routing.logits_TN, competed, stats)
+
+    def _compete(self, x_TD, routing, stats):
+        cc, K = self.cfg.competition, self.cfg.k_routed
+        # Steps 1-2: all affinities without a graph (no activations kept for the losers).
+        a_TN, lse_TD = comp.all_affinities(self.experts, x_TD, cc.kappa, self._chunk(x_TD))
+        win_TK = a_TN.topk(K, dim=-1).indices                                  # step 3: I_C
+        # Recompute the winners with gradients; s_C is differentiable through their outputs.
+        out_TKD = self.experts(x_TD, win_TK)
+        lse = None if lse_TD is None else lse_TD[:, None, :]
+        s_TK = comp.winner_weights(comp.affinity(out_TKD, cc.kappa, lse), cc.eps)
+        if cc.competition_forward:
+            y_TD, idx_TK, w_TK = Experts.combine(out_TKD, s_TK), win_TK, s_TK    # step 4
+        else:
+            idx_TK, w_TK = routing.idx_TK, routing.w_TK
+            y_TD = Experts.combine(self.experts(x_TD, idx_TK), w_TK)
+        if cc.distill == "paper":
+            target_TN = torch.zeros_like(a_TN).scatter_(-1, win_TK, s_TK.detach().float())
+        else:  # "reference": the released code distils toward softmax over all affinities
+            target_TN = a_TN.softmax(dim=-1)
+        l_distill = comp.distillation_loss(routing.logits_TN, target_TN, win_TK, cc.alpha)  # Eq. (2)
+        l_div = comp.diversity_loss(out_TKD)                                                # Eq. (3)
+        agree = (routing.idx_TK[:, :, None] == win_TK[:, None, :]).any(-1).float().mean()
+        stats.update(distill=l_distill.detach(), diversity=l_div.detach(),
+                     agreement=agree, top1_agreement=(routing.idx_TK[:, 0] == win_TK[:, 0]).float().mean())
+        return y_TD, idx_TK, w_TK, cc.gamma * l_distill + cc.beta * l_div
+
+    def _balance_losses(self, logits_TN, idx_TK, shape, stats) -> torch.Tensor:
+        lc = self.cfg.losses
+        total = logits_TN.new_zeros(())
+        if lc.balance == "switch":
+            bal = switch_loss(logits_TN, idx_TK)
+        elif lc.balance == "entropy":
+            seq = shape[-2] if len(shape) >= 3 else logits_TN.shape[0]
+            bal = entropy_loss(logits_TN.view(-1, seq, logits_TN.shape[-1]))
+        else:
+            bal = None
+        if bal is not None:
+            stats["balance"] = bal.detach()
+            total = total + lc.balance_coef * bal
+        if lc.zloss_coef > 0:
+            z = z_loss(logits_TN)
+            stats["zloss"] = z.detach()
+            total = total + lc.zloss_coef * z
+        return total
+
+    def _chunk(self, x_TD: torch.Tensor) -> int:
+        if self.cfg.competition.chunk_tokens is not None:
+            return self.cfg.competition.chunk_tokens
+        per_token = self.cfg.n_routed * max(self.cfg.d_model, self.experts.w1.shape[-1])
+        return max(1, _AUTO_CHUNK_ELEMENTS // per_token)
+
+    def _past_warmup(self) -> bool:
+        return self.schedule is None or self.schedule.past_warmup
+
+
+# --- model-level helpers ---------------------------------------------------------------------------
+def moe_layers(model: nn.Module) -> list[MoE]:
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def attach_schedule(model: nn.Module, schedule: CompetitionSchedule) -> list[MoE]:
+    """Give every MoE layer of `model` (in module order) its index and the shared schedule."""
+    layers = moe_layers(model)
+    if len(layers) != schedule.n_layers:
+        raise ValueError(f"schedule is for {schedule.n_layers} MoE layers, the model has {len(layers)}")
+    for i, layer in enumerate(layers):
+        layer.schedule, layer.layer_index = schedule, i
+    return layers
+
+
+def on_optimizer_step(model: nn.Module) -> None:
+    """Call once after each optimizer step: advances the schedule and applies non-gradient updates."""
+    schedules = {id(l.schedule): l.schedule for l in moe_layers(model) if l.schedule is not None}
+    for layer in moe_layers(model):
+        layer.after_optimizer_step()
+    for s in schedules.values():
+        s.advance()

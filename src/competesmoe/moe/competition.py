@@ -7,6 +7,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+def fp32(t: torch.Tensor) -> torch.Tensor:
+    """Upcast half precision to float32; keep float32/float64 as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 _ELEMENTWISE = {"softplus": F.softplus, "silu": F.silu, "sigmoid": torch.sigmoid, "relu": F.relu}
 
 
@@ -17,7 +22,7 @@ def affinity(out_XD: torch.Tensor, kappa: str, lse_XD: torch.Tensor | None = Non
     given the per-coordinate log-normaliser `lse_XD` (a softmax over the output dimension alone has
     mean 1/D for every expert and could not rank them).
     """
-    o = out_XD.float()
+    o = fp32(out_XD)
     if kappa == "norm":
         return o.norm(dim=-1)
     if kappa == "softmax":
@@ -37,7 +42,7 @@ def all_affinities(experts, x_TD: torch.Tensor, kappa: str, chunk_tokens: int
     """
     a_chunks, lse_chunks = [], []
     for x_cD in x_TD.split(chunk_tokens):
-        out_NcD = experts.forward_all(x_cD).float()
+        out_NcD = fp32(experts.forward_all(x_cD))
         lse_cD = out_NcD.logsumexp(dim=0) if kappa == "softmax" else None
         a_chunks.append(affinity(out_NcD, kappa, lse_cD).T)
         lse_chunks.append(lse_cD)
@@ -60,8 +65,8 @@ def distillation_loss(logits_TN: torch.Tensor, target_TN: torch.Tensor, winners_
                       alpha: float) -> torch.Tensor:
     """Eq. (2): MSE(p_R, t) + (α/K) Σ_{j∈I_C} (t_j − p_R,j)², p_R = softmax(h) over all N, t detached."""
     K = winners_TK.shape[-1]
-    p_TN = logits_TN.float().softmax(dim=-1)
-    t_TN = target_TN.detach().float()
+    p_TN = fp32(logits_TN).softmax(dim=-1)
+    t_TN = target_TN.detach().to(p_TN.dtype)
     mse = (p_TN - t_TN).square().mean(dim=-1)
     winners_sq = (t_TN.gather(-1, winners_TK) - p_TN.gather(-1, winners_TK)).square().sum(dim=-1)
     return (mse + alpha / K * winners_sq).mean()
@@ -75,7 +80,7 @@ def diversity_loss(out_TKD: torch.Tensor) -> torch.Tensor:
     K = out_TKD.shape[1]
     if K < 2:
         return out_TKD.new_zeros((), dtype=torch.float32)
-    o_TKD = F.normalize(out_TKD.float(), dim=-1)
+    o_TKD = F.normalize(fp32(out_TKD), dim=-1)
     C_TKK = o_TKD @ o_TKD.transpose(1, 2)
     off_diag = C_TKK.sum(dim=(1, 2)) - C_TKK.diagonal(dim1=1, dim2=2).sum(dim=-1)
     return (off_diag / (K * (K - 1))).mean()

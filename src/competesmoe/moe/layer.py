@@ -118,7 +118,7 @@ class MoE(nn.Module):
             idx_TK, w_TK = routing.idx_TK, routing.w_TK
             y_TD = Experts.combine(self.experts(x_TD, idx_TK), w_TK)
         if cc.distill == "paper":
-            target_TN = torch.zeros_like(a_TN).scatter_(-1, win_TK, s_TK.detach().float())
+            target_TN = torch.zeros_like(a_TN).scatter_(-1, win_TK, s_TK.detach().to(a_TN.dtype))
         else:  # "reference": the released code distils toward softmax over all affinities
             target_TN = a_TN.softmax(dim=-1)
         l_distill = comp.distillation_loss(routing.logits_TN, target_TN, win_TK, cc.alpha)  # Eq. (2)

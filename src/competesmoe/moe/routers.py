@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MoEConfig
+from .competition import fp32
 
 
 @dataclass
@@ -20,10 +21,6 @@ class Routing:
     logits_TN: torch.Tensor   # scores before selection (what the balance and z losses see)
     idx_TK: torch.Tensor      # chosen experts
     w_TK: torch.Tensor        # their weights in the output
-
-
-def _fp32(x: torch.Tensor) -> torch.Tensor:
-    return x.float()
 
 
 class _Router(nn.Module):
@@ -39,7 +36,7 @@ class _Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         with torch.autocast(x_TD.device.type, enabled=False):
-            logits_TN = self.logits(_fp32(x_TD))
+            logits_TN = self.logits(fp32(x_TD))
             idx_TK, w_TK = self.select(logits_TN)
         return Routing(logits_TN, idx_TK, w_TK)
 
@@ -52,8 +49,8 @@ class SoftmaxRouter(_Router):
         self.gate = nn.Linear(d_model, n_experts, bias=bias)
 
     def logits(self, x_TD):
-        return F.linear(x_TD, self.gate.weight.float(),
-                        None if self.gate.bias is None else self.gate.bias.float())
+        return F.linear(x_TD, fp32(self.gate.weight),
+                        None if self.gate.bias is None else fp32(self.gate.bias))
 
     def select(self, logits_TN):
         top = logits_TN.topk(self.top_k, dim=-1)
@@ -76,9 +73,9 @@ class CosineRouter(SoftmaxRouter):
         self.temperature, self.eps = temperature, eps
 
     def logits(self, x_TD):
-        z_TR = F.linear(x_TD, self.proj.weight.float())
-        e_NR = self.expert_emb.float()
-        tiny = torch.finfo(torch.float32).tiny
+        z_TR = F.linear(x_TD, fp32(self.proj.weight))
+        e_NR = fp32(self.expert_emb)
+        tiny = torch.finfo(z_TR.dtype).tiny
         zn_T1 = z_TR.norm(dim=-1, keepdim=True).clamp_min(tiny) + self.eps
         en_N = e_NR.norm(dim=-1).clamp_min(tiny) + self.eps
         return (z_TR @ e_NR.T) / (zn_T1 * en_N) / self.temperature

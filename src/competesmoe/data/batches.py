@@ -1,0 +1,118 @@
+"""Packing a token stream into fixed-length sequences, and iterating over batches of them.
+
+The stream (documents joined by EOS) is cut into `n = (len(tokens) - 1) // seq_len` sequences of
+`seq_len + 1` tokens; sequence `i` is `tokens[i*seq_len : i*seq_len + seq_len + 1]`, so consecutive
+sequences share one token and every token after the first is a target exactly once. A batch is a
+`torch.LongTensor[batch, seq_len + 1]`; use `x, y = b[:, :-1], b[:, 1:]`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .sources import DataError
+
+
+def num_sequences(n_tokens: int, seq_len: int) -> int:
+    return max(0, (n_tokens - 1) // seq_len)
+
+
+def gather(tokens: np.ndarray, index: np.ndarray, seq_len: int) -> torch.Tensor:
+    """The packed sequences `index` of `tokens` as a LongTensor[len(index), seq_len + 1]."""
+    offsets = np.asarray(index, dtype=np.int64)[:, None] * seq_len + np.arange(seq_len + 1)
+    return torch.from_numpy(np.asarray(tokens[offsets], dtype=np.int64))
+
+
+def _check_size(tokens: np.ndarray, seq_len: int, what: str) -> int:
+    if seq_len < 1:
+        raise DataError(f"seq_len must be >= 1, got {seq_len}")
+    n = num_sequences(len(tokens), seq_len)
+    if n < 1:
+        raise DataError(f"{what}: {len(tokens)} tokens are too few for one sequence of seq_len + 1 = {seq_len + 1}")
+    return n
+
+
+class BatchIterator:
+    """Endless batches of packed sequences in a seeded shuffled order, epoch after epoch.
+
+    Epoch `e` visits every sequence once, in the order `default_rng([seed, e]).permutation(n)`;
+    the epochs form one continuous stream, so a batch may straddle two epochs and no sequence is
+    dropped. `state_dict()` captures the exact position; loading it into a fresh iterator over the
+    same tokens replays exactly the batches an uninterrupted iterator would yield.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int = 0):
+        if batch_size < 1:
+            raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
+        self.n_sequences = _check_size(tokens, seq_len, "training split")
+        self.epoch = 0
+        self.index = 0  # next position within the epoch's permutation
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    @property
+    def batches_per_epoch(self) -> float:
+        return self.n_sequences / self.batch_size
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n_sequences))
+        return self._perm[1]
+
+    def next_indices(self) -> np.ndarray:
+        """The sequence indices of the next batch (advances the position)."""
+        out = np.empty(self.batch_size, dtype=np.int64)
+        filled = 0
+        while filled < self.batch_size:
+            take = min(self.batch_size - filled, self.n_sequences - self.index)
+            out[filled:filled + take] = self.permutation(self.epoch)[self.index:self.index + take]
+            filled += take
+            self.index += take
+            if self.index == self.n_sequences:
+                self.epoch, self.index = self.epoch + 1, 0
+        return out
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        return gather(self.tokens, self.next_indices(), self.seq_len)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "epoch": self.epoch, "index": self.index,
+                "n_sequences": self.n_sequences, "seq_len": self.seq_len}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("n_sequences", "seq_len"):
+            if key in state and state[key] != getattr(self, key):
+                raise DataError(f"cannot resume: the saved data position has {key}={state[key]} but the data now has "
+                                f"{getattr(self, key)} (different data, tokenizer or seq_len)")
+        if not 0 <= state["index"] < self.n_sequences or state["epoch"] < 0:
+            raise DataError(f"cannot resume: invalid position epoch={state['epoch']} index={state['index']}")
+        self.seed, self.epoch, self.index = int(state["seed"]), int(state["epoch"]), int(state["index"])
+
+
+class SequentialBatches:
+    """Batches of packed sequences in fixed order (for validation); the last one may be smaller.
+
+    Re-iterable: every `iter()` starts again from the first sequence.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int | None = None):
+        if batch_size < 1:
+            raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
+        self.n_sequences = _check_size(tokens, seq_len, "validation split")
+        n = math.ceil(self.n_sequences / batch_size)
+        self.n_batches = n if max_batches is None else min(n, max_batches)
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for b in range(self.n_batches):
+            index = np.arange(b * self.batch_size, min((b + 1) * self.batch_size, self.n_sequences))
+            yield gather(self.tokens, index, self.seq_len)

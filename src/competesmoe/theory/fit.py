@@ -1,0 +1,120 @@
+"""Maximum likelihood (Eq. (7)) for the Gaussian MoE: full-batch L-BFGS in float64, with restarts."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from competesmoe.theory.model import Atoms, log_density
+
+INITS = ("truth", "random")
+
+
+@dataclasses.dataclass
+class FitResult:
+    atoms: Atoms                 # the best restart's estimate Ĝ_n
+    nll: float                   # its mean negative log-likelihood
+    restart: int                 # which restart won
+    structure: tuple[int, ...]   # atoms per true expert at that restart's start ("truth" init)
+    iterations: int              # L-BFGS iterations of the winner
+    nlls: list[float]            # every restart's final value (nan: diverged)
+
+
+def compositions(total: int, parts: int) -> list[tuple[int, ...]]:
+    """Every way to give `parts` true experts at least one of `total` fitted atoms."""
+    if parts == 1:
+        return [(total,)] if total >= 1 else []
+    return [(k,) + rest for k in range(1, total - parts + 2) for rest in compositions(total - k, parts - 1)]
+
+
+def init_atoms(truth: Atoms, n_experts: int, structure: tuple[int, ...] | None, init: str, noise: float,
+               y_n: torch.Tensor, gen: torch.Generator) -> Atoms:
+    """A start for L-BFGS.
+
+    "truth": each true atom j is copied structure[j] times (its weight split evenly) and every copy
+    is perturbed by Gaussian noise of scale `noise` (copies must differ, or they stay equal).
+    "random": experts ~ N(0, 1), equal weights, variances a random fraction of Var(Y).
+    """
+    dtype = truth.expert.dtype
+    n_true, p = truth.expert.shape
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype)
+
+    if init == "random":
+        gate = randn(n_experts, truth.gate.shape[1]) if truth.gate is not None else None
+        var = y_n.var() * (0.2 + 0.8 * torch.rand(n_experts, generator=gen, dtype=dtype))
+        return Atoms(torch.zeros(n_experts, dtype=dtype), randn(n_experts, p), var, gate)
+    if init != "truth":
+        raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
+    assert structure is not None and sum(structure) == n_experts and len(structure) == n_true
+    idx = torch.tensor([j for j, k in enumerate(structure) for _ in range(k)])
+    counts = torch.tensor(structure, dtype=dtype)[idx]
+    logw = truth.logw[idx] - counts.log() + noise * randn(n_experts)
+    expert = truth.expert[idx] + noise * randn(n_experts, p)
+    var = truth.var[idx] * torch.exp(noise * randn(n_experts))
+    gate = truth.gate[idx] + noise * randn(n_experts, truth.gate.shape[1]) if truth.gate is not None else None
+    return Atoms(logw, expert, var, gate)
+
+
+def _lbfgs(setting: str, gating: str, start: Atoms, x_nd, y_n, var_min: float, max_iter: int,
+           tol: float) -> tuple[Atoms, float, int]:
+    """Minimise the mean negative log-likelihood from `start`; ν = var_min + exp(s) keeps ν in Θ."""
+    logw = start.logw.clone().requires_grad_(True)
+    expert = start.expert.clone().requires_grad_(True)
+    s = torch.log(torch.clamp(start.var - var_min, min=1e-12)).requires_grad_(True)
+    gate = start.gate.clone().requires_grad_(True) if start.gate is not None else None
+    params = [t for t in (logw, expert, s, gate) if t is not None]
+
+    def atoms() -> Atoms:
+        return Atoms(logw, expert, var_min + s.exp(), gate)
+
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, max_eval=2 * max_iter, history_size=50,
+                            tolerance_grad=tol, tolerance_change=1e-16, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        nll = -log_density(setting, gating, atoms(), x_nd, y_n).mean()
+        nll.backward()
+        return nll
+
+    opt.step(closure)
+    with torch.no_grad():
+        nll = float(-log_density(setting, gating, atoms(), x_nd, y_n).mean())
+    iters = opt.state[opt._params[0]].get("n_iter", 0)
+    return atoms().detach(), nll, int(iters)
+
+
+def fit_mle(setting: str, gating: str, x_nd: torch.Tensor, y_n: torch.Tensor, n_experts: int, truth: Atoms, *,
+            restarts: int = 4, init: str = "truth", init_noise: float = 0.3,
+            init_cells: tuple[int, ...] | None = None, var_min: float = 1e-3, max_iter: int = 1000,
+            tol: float = 1e-9, seed: int = 0) -> FitResult:
+    """Ĝ_n of Eq. (7): the best of `restarts` L-BFGS runs (by likelihood).
+
+    With init="truth" the restarts cycle through every split of the N atoms over the N* true
+    experts (or use `init_cells` only), so the MLE decides which expert gets the extra atoms.
+    """
+    n_true = truth.n_atoms
+    if n_experts < n_true:
+        raise ValueError(f"n_experts={n_experts} < n_true={n_true}: the model must have N >= N* experts")
+    if restarts < 1:
+        raise ValueError(f"restarts must be >= 1, got {restarts}")
+    if init_cells is not None and (len(init_cells) != n_true or sum(init_cells) != n_experts
+                                   or min(init_cells) < 1):
+        raise ValueError(f"init_cells={init_cells} must be {n_true} positive counts summing to {n_experts}")
+    structures = [tuple(init_cells)] if init_cells is not None else compositions(n_experts, n_true)
+    gen = torch.Generator().manual_seed(seed)
+    best, nlls = None, []
+    for r in range(restarts):
+        structure = structures[r % len(structures)]
+        start = init_atoms(truth, n_experts, structure, init, init_noise, y_n, gen)
+        atoms, nll, iters = _lbfgs(setting, gating, start, x_nd, y_n, var_min, max_iter, tol)
+        nll = nll if math.isfinite(nll) else math.nan
+        nlls.append(nll)
+        if not math.isnan(nll) and (best is None or nll < best.nll):
+            best = FitResult(atoms, nll, r, structure if init == "truth" else (), iters, nlls)
+    if best is None:
+        raise RuntimeError("every restart diverged (non-finite likelihood)")
+    best.nlls = nlls
+    return best

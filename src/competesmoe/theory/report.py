@@ -1,0 +1,91 @@
+"""Markdown table, JSON dump and log-log plot of a `run_study` result."""
+from __future__ import annotations
+
+import collections
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from competesmoe.theory.study import METRICS
+
+
+def _fmt(v, digits=3) -> str:
+    return "—" if v is None else f"{v:+.{digits}f}"
+
+
+def markdown_table(result: dict) -> str:
+    cfg = result["config"]
+    head = (f"**{cfg['setting']} experts, {cfg['gating']} gating**, N* = {cfg['n_true']}, N = {cfg['n_experts']}, "
+            f"d = {cfg['dim']}, n ∈ {cfg['sizes']}, {cfg['seeds']} seeds, {cfg['restarts']} restarts "
+            f"(init: {cfg['init']}); largest Voronoi cell per fit: "
+            + ", ".join(f"|C|={k} in {v}" for k, v in result["max_cell_counts"].items()))
+    lines = [head, "",
+             "| quantity | measured slope | 95% CI (seed bootstrap) | theory | source | points |",
+             "|---|---|---|---|---|---|"]
+    for m, s in result["slopes"].items():
+        ci = "—" if s["ci"][0] is None else f"[{s['ci'][0]:+.3f}, {s['ci'][1]:+.3f}]"
+        pts = f"{s['points']}" + (f" ({s['dropped']} empty)" if s["dropped"] else "")
+        lines.append(f"| {METRICS[m]} | {_fmt(s['slope'])} | {ci} | {_fmt(s['theory'])} | {s['theory_source']} | {pts} |")
+    return "\n".join(lines) + "\n"
+
+
+def geometric_means(result: dict, metric: str) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Per n: geometric mean, 25% and 75% quantiles of the metric over seeds (finite values only)."""
+    by_n = collections.defaultdict(list)
+    for r in result["records"]:
+        e = r[metric]
+        if e is not None and math.isfinite(e) and e > 0:
+            by_n[r["n"]].append(e)
+    ns = sorted(by_n)
+    gm = [float(np.exp(np.mean(np.log(by_n[n])))) for n in ns]
+    q1 = [float(np.quantile(by_n[n], 0.25)) for n in ns]
+    q3 = [float(np.quantile(by_n[n], 0.75)) for n in ns]
+    return ns, gm, q1, q3
+
+
+def plot(result: dict, path: str | Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = result["config"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=100)
+    colors = {"exact": "tab:blue", "over": "tab:red", "loss": "tab:gray"}
+    for m, s in result["slopes"].items():
+        ns, gm, q1, q3 = geometric_means(result, m)
+        if not ns:
+            continue
+        c = colors[m]
+        label = f"{m}: slope {_fmt(s['slope'], 2)}"
+        ax.errorbar(ns, gm, yerr=[np.subtract(gm, q1), np.subtract(q3, gm)], fmt="o", color=c, ms=4,
+                    capsize=2, label=label)
+        n_arr = np.array(ns, dtype=float)
+        anchor = np.exp(np.mean(np.log(gm))), np.exp(np.mean(np.log(n_arr)))
+        if s["slope"] is not None:
+            ax.plot(n_arr, anchor[0] * (n_arr / anchor[1]) ** s["slope"], "-", color=c, lw=1)
+        if s["theory"] is not None:
+            ax.plot(n_arr, anchor[0] * (n_arr / anchor[1]) ** s["theory"], ":", color=c, lw=1.5,
+                    label=f"{m}: theory n^({s['theory']:+.3f})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("sample size n")
+    ax.set_ylabel("error (geometric mean over seeds, IQR bars)")
+    ax.set_title(f"{cfg['setting']} experts, {cfg['gating']} gating, N*={cfg['n_true']}, N={cfg['n_experts']}",
+                 fontsize=10)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_outputs(result: dict, out_dir: str | Path, stem: str) -> dict[str, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out / f"{stem}.md", "json": out / f"{stem}.json", "png": out / f"{stem}.png"}
+    paths["md"].write_text(markdown_table(result))
+    paths["json"].write_text(json.dumps(result, indent=1))
+    plot(result, paths["png"])
+    return paths

@@ -1,0 +1,86 @@
+"""Voronoi cells (Eq. (8)) and Voronoi losses (Eq. (9) for FFN experts, Eq. (17) for linear ones)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from competesmoe.theory.model import Atoms
+
+
+def atom_vectors(atoms: Atoms) -> torch.Tensor:
+    """θ_i for the cells: (W_i, ν_i), preceded by the gate slopes β_i under softmax gating. [N, D]"""
+    parts = ([atoms.gate] if atoms.gate is not None else []) + [atoms.expert, atoms.var[:, None]]
+    return torch.cat(parts, dim=1)
+
+
+def voronoi_cells(theta_ND: torch.Tensor, theta_true_MD: torch.Tensor) -> list[list[int]]:
+    """Eq. (8): C_j = {i : ‖θ_i − θ*_j‖ ≤ ‖θ_i − θ*_l‖ ∀ l ≠ j}; a tie goes to the lowest j."""
+    nearest = torch.cdist(theta_ND, theta_true_MD).argmin(dim=1).tolist()
+    return [[i for i, j in enumerate(nearest) if j == jj] for jj in range(theta_true_MD.shape[0])]
+
+
+def param_blocks(setting: str, n_expert_params: int) -> list[slice]:
+    """Slices of the (W, ν) vector that the loss measures separately.
+
+    ffn, Eq. (9): ‖ΔW‖ + |Δν|;   linear, Eq. (17): ‖Δa‖ + |Δb| + |Δν|.
+    """
+    p = n_expert_params
+    if setting == "ffn":
+        return [slice(0, p), slice(p, p + 1)]
+    if setting == "linear":
+        return [slice(0, p - 1), slice(p - 1, p), slice(p, p + 1)]
+    raise ValueError(f"unknown setting {setting!r}")
+
+
+@dataclasses.dataclass
+class VoronoiLoss:
+    cells: list[list[int]]
+    weight_term: float   # Σ_j |Σ_{i∈C_j} exp(c_i) − exp(c*_j)|
+    exact_term: float    # Σ_{|C_j|=1} Σ_{i∈C_j} exp(c_i) Σ_blocks ‖Δ‖
+    over_term: float     # Σ_{|C_j|>1} Σ_{i∈C_j} exp(c_i) Σ_blocks ‖Δ‖²
+
+    @property
+    def loss(self) -> float:
+        return self.weight_term + self.exact_term + self.over_term
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(c) for c in self.cells]
+
+    @property
+    def exact_error(self) -> float:
+        """Exact-specified experts' error; Theorem 3.2 / K.1: ~ n^(-1/2). NaN without such cells."""
+        return self.exact_term if any(s == 1 for s in self.sizes) else math.nan
+
+    @property
+    def over_error(self) -> float:
+        """√(over-specified term): the over-specified experts' distance; ~ n^(-1/4) with competition."""
+        return math.sqrt(self.over_term) if any(s > 1 for s in self.sizes) else math.nan
+
+
+def voronoi_loss(setting: str, fit: Atoms, truth: Atoms) -> VoronoiLoss:
+    """Eq. (9) (ffn) or Eq. (17) (linear) between a fitted and the true mixing measure.
+
+    Both are put in canonical form first (Σ exp(c) = 1). Cells use the whole atom (gate slopes
+    included under softmax gating); the loss terms measure the experts' parameters (W, ν).
+    An empty cell adds exp(c*_j) to the weight term.
+    """
+    fit, truth = fit.canonical(), truth.canonical()
+    cells = voronoi_cells(atom_vectors(fit), atom_vectors(truth))
+    wv = torch.cat([fit.expert, fit.var[:, None]], dim=1)
+    wv_true = torch.cat([truth.expert, truth.var[:, None]], dim=1)
+    blocks = param_blocks(setting, fit.expert.shape[1])
+    w, w_true = fit.logw.exp(), truth.logw.exp()
+    weight_term = exact_term = over_term = 0.0
+    for j, cell in enumerate(cells):
+        weight_term += abs(float(w[cell].sum()) - float(w_true[j]))
+        power = 1 if len(cell) == 1 else 2   # Eq. (9): first powers for |C_j| = 1, squares for > 1
+        for i in cell:
+            dist = sum(float(torch.linalg.vector_norm(wv[i, b] - wv_true[j, b])) ** power for b in blocks)
+            if power == 1:
+                exact_term += float(w[i]) * dist
+            else:
+                over_term += float(w[i]) * dist
+    return VoronoiLoss(cells, weight_term, exact_term, over_term)

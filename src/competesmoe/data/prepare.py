@@ -1,7 +1,7 @@
 """`prepare_data(cfg)`: documents -> cached BPE tokenizer -> cached token arrays -> batch iterators.
 
 Caches live under `cache_dir`:
-  tokenizers/<key>/tokenizer.json   key = hash(training-split identity, vocab_size, tokenizer_train_chars)
+  tokenizers/<key>/tokenizer.json   key = hash(training split before max_train_chars, vocab_size, tokenizer_train_chars)
   tokens/<key>.npy (+ .json)        key = hash(split identity, tokenizer hash)
 A split's identity is a content hash of its files (or the synthetic parameters, or the `hf:` name)
 plus the options that change its text, so nothing is read or tokenised again on a second run.
@@ -70,10 +70,12 @@ def prepare_data(cfg: DataConfig, log: Callable[[str], None] = print) -> Prepare
         tok = load_tokenizer(cfg.tokenizer)
         info["tokenizer"] = str(cfg.tokenizer)
     else:
-        key = content_key("tokenizer", splits.train_id, cfg.vocab_size, cfg.tokenizer_train_chars, VERSION)
+        # trained on the whole training split (not capped by max_train_chars), so slices share a vocabulary
+        key = content_key("tokenizer", {**splits.train_id, "max_chars": None}, cfg.vocab_size,
+                          cfg.tokenizer_train_chars, VERSION)
         path = cache / "tokenizers" / key / "tokenizer.json"
         fresh, t0 = not path.is_file(), time.perf_counter()
-        tok = cached_tokenizer(cache, key, lambda: _sample(splits.train_docs(), cfg.tokenizer_train_chars),
+        tok = cached_tokenizer(cache, key, lambda: _sample(splits.uncapped_train_docs(), cfg.tokenizer_train_chars),
                                cfg.vocab_size, cfg.progress)
         info["tokenizer"] = str(path)
         if fresh:
@@ -148,10 +150,11 @@ class _Splits:
     def _held_out(self) -> tuple[list[str], list[str]]:
         return holdout(self._train_all(), self.cfg.valid_fraction)
 
-    @functools.cache
+    def uncapped_train_docs(self) -> list[str]:
+        return self._held_out()[0] if self.holdout else self._train_all()
+
     def train_docs(self) -> list[str]:
-        docs = self._held_out()[0] if self.holdout else self._train_all()
-        return _prefix(docs, self.cfg.max_train_chars)
+        return _prefix(self.uncapped_train_docs(), self.cfg.max_train_chars)
 
     def valid_docs(self) -> list[str]:
         if self.cfg.valid is not None:

@@ -6,6 +6,7 @@
 Scoring follows lm-evaluation-harness; see docs/eval.md.
 """
 from .evaluator import TASKS, evaluate, expand_tasks
+from .metrics import perplexity, token_perplexity
 from .interface import HFTokenizerAdapter, LogitsModel, TextTokenizer, TokenizersAdapter, as_tokenizer
 from .report import load_results, results_markdown, table_rows, write_report
 from .scoring import Scorer, encode_pair, loglikelihood_tokens, rolling_windows
@@ -14,4 +15,4 @@ from .tasks import TaskDataError, resolve_data_dir
 __all__ = ["TASKS", "evaluate", "expand_tasks", "LogitsModel", "TextTokenizer", "TokenizersAdapter",
            "HFTokenizerAdapter", "as_tokenizer", "write_report", "results_markdown", "table_rows",
            "load_results", "Scorer", "encode_pair", "loglikelihood_tokens", "rolling_windows",
-           "TaskDataError", "resolve_data_dir"]
+           "TaskDataError", "resolve_data_dir", "perplexity", "token_perplexity"]

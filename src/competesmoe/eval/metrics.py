@@ -67,8 +67,7 @@ def token_perplexity(scorer: Scorer, token_lists: Sequence[Sequence[int]], strid
     tokens = sum(len(t) for t in token_lists)
     if tokens == 0:
         raise ValueError("no tokens to score")
-    return {"ppl": math.exp(-sum(lls) / tokens), "nll": -sum(lls), "tokens": tokens, "n": len(token_lists),
-            "doc_loglikelihoods": lls}
+    return {"ppl": math.exp(-sum(lls) / tokens), "nll": -sum(lls), "tokens": tokens, "n": len(token_lists)}
 
 
 def perplexity(scorer: Scorer, texts: Sequence[str], stride: int | None = None, detokenize: bool = False,
@@ -77,8 +76,7 @@ def perplexity(scorer: Scorer, texts: Sequence[str], stride: int | None = None, 
     (words and bytes are counted on the texts as given, before `detokenize`)."""
     scored = [wikitext_detokenize(t) if detokenize else t for t in texts]
     out = token_perplexity(scorer, [scorer.encode(t) for t in scored], stride, desc)
-    total_ll = -out.pop("nll")
-    out.pop("doc_loglikelihoods")
+    total_ll = -out["nll"]
     words = sum(count_words(t) for t in texts)
     nbytes = sum(len(t.encode("utf-8")) for t in texts)
     return {"ppl": out["ppl"], "word_perplexity": math.exp(-total_ll / words),

@@ -22,12 +22,14 @@ def _runs(results: Run | Sequence[Run]) -> list[Run]:
     return runs
 
 
-def table_rows(results: Run | Sequence[Run], mc_metric: str = "acc") -> list[dict[str, Any]]:
-    """One row per model: PPL, accuracies in percent (None where not evaluated) and their average."""
+def table_rows(results: Run | Sequence[Run], mc_metric: str = "acc", ppl_task: str = "wikitext2") -> list[dict[str, Any]]:
+    """One row per model: `ppl_task`'s token PPL, accuracies in percent (None where not evaluated)
+    and their average."""
     rows = []
     for run in _runs(results):
         row: dict[str, Any] = {"Model": run.get("name", "model")}
         for column, task, metric in COLUMNS:
+            task = ppl_task if column == "PPL" else task
             value = run["tasks"].get(task, {}).get(mc_metric if metric == "mc" else metric)
             row[column] = None if value is None else (value if column == "PPL" else 100.0 * value)
         accs = [row[c] for c, _, _ in COLUMNS[1:] if row[c] is not None]
@@ -36,10 +38,10 @@ def table_rows(results: Run | Sequence[Run], mc_metric: str = "acc") -> list[dic
     return rows
 
 
-def _fmt(value: Any, digits: int) -> str:
+def _fmt(value: Any, spec: str) -> str:
     if value is None:
         return "–"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+    return format(value, spec) if isinstance(value, float) else str(value)
 
 
 def _markdown(header: list[str], lines: list[list[str]]) -> str:
@@ -47,28 +49,31 @@ def _markdown(header: list[str], lines: list[list[str]]) -> str:
     return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines])
 
 
-def results_markdown(results: Run | Sequence[Run], mc_metric: str = "acc") -> str:
+def results_markdown(results: Run | Sequence[Run], mc_metric: str = "acc", ppl_task: str = "wikitext2") -> str:
     """The Table-2-style summary, then every scalar metric per model and task."""
     runs = _runs(results)
     header = ["Model"] + [c for c, _, _ in COLUMNS] + ["Avg."]
-    rows = table_rows(runs, mc_metric)
-    summary = _markdown(header, [[str(r["Model"])] + [_fmt(r[c], 2 if c == "PPL" else 1) for c in header[1:]]
+    rows = table_rows(runs, mc_metric, ppl_task)
+    summary = _markdown(header, [[str(r["Model"])] + [_fmt(r[c], ".2f" if c == "PPL" else ".1f") for c in header[1:]]
                                  for r in rows])
-    details = [[str(run.get("name", "model")), task] + [_fmt(metrics.get(m), 4) for m in DETAIL_METRICS]
+    details = [[str(run.get("name", "model")), task] + [_fmt(metrics.get(m), ".4f" if m.startswith("acc") else ".6g") for m in DETAIL_METRICS]
                for run in runs for task, metrics in run["tasks"].items()]
-    return (f"PPL: WikiText-2 token perplexity (lower is better); accuracies in %, multiple choice = "
+    return (f"PPL: `{ppl_task}` token perplexity (lower is better); accuracies in %, multiple choice = "
             f"`{mc_metric}`; Avg. = mean of the accuracy columns present.\n\n{summary}\n\n"
             f"{_markdown(['Model', 'Task', *DETAIL_METRICS], details)}\n")
 
 
 def write_report(results: Run | Sequence[Run], out_dir: str | Path, mc_metric: str = "acc",
-                 stem: str = "results") -> dict[str, Path]:
-    """Write `{stem}.md` (tables) and `{stem}.json` (raw results, a list of runs) into `out_dir`."""
+                 ppl_task: str = "wikitext2", stem: str = "results") -> dict[str, Path]:
+    """Write `{stem}.md` (tables) and `{stem}.json` (raw results, a list of runs) into `out_dir`.
+
+    `mc_metric` (acc / acc_norm / acc_bytes) fills PIQA, ARC and HellaSwag; `ppl_task` names the
+    results entry whose `ppl` fills the PPL column (e.g. a validation set added by the caller)."""
     runs = _runs(results)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out / f"{stem}.md", "json": out / f"{stem}.json"}
-    paths["markdown"].write_text(results_markdown(runs, mc_metric), encoding="utf-8")
+    paths["markdown"].write_text(results_markdown(runs, mc_metric, ppl_task), encoding="utf-8")
     paths["json"].write_text(json.dumps(runs, indent=2) + "\n", encoding="utf-8")
     return paths
 

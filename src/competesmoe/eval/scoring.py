@@ -100,18 +100,27 @@ def loglikelihood_tokens(model: Any, requests: Sequence[TokenPair], max_length: 
         for row, i in enumerate(batch):
             ids_BS[row, :len(inputs[i])] = torch.tensor(inputs[i], dtype=torch.long)
         logits_BSV = logits_of(model(ids_BS.to(dev)))
+        # every continuation position of the batch at once: one log_softmax, one transfer
+        rows, cols, targets = [], [], []
         for row, i in enumerate(batch):
-            cont = pieces[i][1]
-            end = len(inputs[i])
-            logits_CV = logits_BSV[row, end - len(cont):end]
-            if logits_CV.dtype in (torch.float16, torch.bfloat16):
-                logits_CV = logits_CV.float()
-            logp_CV = logits_CV.log_softmax(-1)
-            target_C = torch.tensor(cont, dtype=torch.long, device=logp_CV.device)
-            ll = logp_CV.gather(-1, target_C[:, None]).sum().item()
-            greedy = bool((logp_CV.argmax(-1) == target_C).all().item())
+            cont, end = pieces[i][1], len(inputs[i])
+            rows += [row] * len(cont)
+            cols += range(end - len(cont), end)
+            targets += cont
+        index = {"device": logits_BSV.device, "dtype": torch.long}
+        logits_NV = logits_BSV[torch.tensor(rows, **index), torch.tensor(cols, **index)]
+        if logits_NV.dtype in (torch.float16, torch.bfloat16):
+            logits_NV = logits_NV.float()
+        logp_NV = logits_NV.log_softmax(-1)
+        target_N = torch.tensor(targets, **index)
+        token_ll = logp_NV.gather(-1, target_N[:, None])[:, 0].tolist()
+        token_hit = (logp_NV.argmax(-1) == target_N).tolist()
+        pos = 0
+        for i in batch:  # summed in Python (float64), in token order: deterministic
+            n = len(pieces[i][1])
             prev_ll, prev_greedy = results[owner[i]]
-            results[owner[i]] = (prev_ll + ll, prev_greedy and greedy)
+            results[owner[i]] = (prev_ll + sum(token_ll[pos:pos + n]), prev_greedy and all(token_hit[pos:pos + n]))
+            pos += n
         bar.update(len(batch))
     bar.close()
     return results

@@ -26,8 +26,8 @@ class TheoryConfig(Config):
     init_noise: float = 0.3          # scale of the perturbation of the "truth" starts
     init_cells: list[int] | None = None  # atoms per true expert at the start (None: all splits)
     var_min: float = 1e-3            # ν >= var_min: the compact parameter space Θ
-    max_iter: int = 1000             # L-BFGS iterations per restart
-    tol: float = 1e-9                # L-BFGS gradient tolerance
+    max_iter: int = 500              # L-BFGS iterations per restart
+    tol: float = 1e-6                # L-BFGS gradient tolerance (on the mean NLL)
     bootstrap: int = 2000            # bootstrap resamples of the seeds for the slopes' CIs
     threads: int = 1                 # torch CPU threads
 

@@ -18,6 +18,7 @@ class FitResult:
     restart: int                 # which restart won
     structure: tuple[int, ...]   # atoms per true expert at that restart's start ("truth" init)
     iterations: int              # L-BFGS iterations of the winner
+    grad_max: float              # largest |gradient| of the mean NLL at the winner's end
     nlls: list[float]            # every restart's final value (nan: diverged)
 
 
@@ -59,7 +60,7 @@ def init_atoms(truth: Atoms, n_experts: int, structure: tuple[int, ...] | None, 
 
 
 def _lbfgs(setting: str, gating: str, start: Atoms, x_nd, y_n, var_min: float, max_iter: int,
-           tol: float) -> tuple[Atoms, float, int]:
+           tol: float) -> tuple[Atoms, float, int, float]:
     """Minimise the mean negative log-likelihood from `start`; ν = var_min + exp(s) keeps ν in Θ."""
     logw = start.logw.clone().requires_grad_(True)
     expert = start.expert.clone().requires_grad_(True)
@@ -71,7 +72,7 @@ def _lbfgs(setting: str, gating: str, start: Atoms, x_nd, y_n, var_min: float, m
         return Atoms(logw, expert, var_min + s.exp(), gate)
 
     opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, max_eval=2 * max_iter, history_size=50,
-                            tolerance_grad=tol, tolerance_change=1e-16, line_search_fn="strong_wolfe")
+                            tolerance_grad=tol, tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
@@ -80,17 +81,22 @@ def _lbfgs(setting: str, gating: str, start: Atoms, x_nd, y_n, var_min: float, m
         return nll
 
     opt.step(closure)
-    with torch.no_grad():
-        nll = float(-log_density(setting, gating, atoms(), x_nd, y_n).mean())
+    nll = closure().detach()
+    grad_max = max(float(p.grad.abs().max()) for p in params)
     iters = opt.state[opt._params[0]].get("n_iter", 0)
-    return atoms().detach(), nll, int(iters)
+    return atoms().detach(), float(nll), int(iters), grad_max
 
 
 def fit_mle(setting: str, gating: str, x_nd: torch.Tensor, y_n: torch.Tensor, n_experts: int, truth: Atoms, *,
             restarts: int = 4, init: str = "truth", init_noise: float = 0.3,
-            init_cells: tuple[int, ...] | None = None, var_min: float = 1e-3, max_iter: int = 1000,
-            tol: float = 1e-9, seed: int = 0) -> FitResult:
+            init_cells: tuple[int, ...] | None = None, var_min: float = 1e-3, max_iter: int = 500,
+            tol: float = 1e-6, seed: int = 0) -> FitResult:
     """Ĝ_n of Eq. (7): the best of `restarts` L-BFGS runs (by likelihood).
+
+    The stopping rule (|gradient| <= tol, or a change of the mean NLL below 1e-12) leaves the mean
+    NLL far closer to its optimum than log(n)/n, so the result is an approximate MLE in the sense
+    of the rate theorems (van de Geer 2000, Thm 7.4, used in Appendix L); tighter settings changed
+    the Voronoi losses only in the third significant digit in our checks.
 
     With init="truth" the restarts cycle through every split of the N atoms over the N* true
     experts (or use `init_cells` only), so the MLE decides which expert gets the extra atoms.
@@ -109,11 +115,11 @@ def fit_mle(setting: str, gating: str, x_nd: torch.Tensor, y_n: torch.Tensor, n_
     for r in range(restarts):
         structure = structures[r % len(structures)]
         start = init_atoms(truth, n_experts, structure, init, init_noise, y_n, gen)
-        atoms, nll, iters = _lbfgs(setting, gating, start, x_nd, y_n, var_min, max_iter, tol)
+        atoms, nll, iters, grad_max = _lbfgs(setting, gating, start, x_nd, y_n, var_min, max_iter, tol)
         nll = nll if math.isfinite(nll) else math.nan
         nlls.append(nll)
         if not math.isnan(nll) and (best is None or nll < best.nll):
-            best = FitResult(atoms, nll, r, structure if init == "truth" else (), iters, nlls)
+            best = FitResult(atoms, nll, r, structure if init == "truth" else (), iters, grad_max, nlls)
     if best is None:
         raise RuntimeError("every restart diverged (non-finite likelihood)")
     best.nlls = nlls

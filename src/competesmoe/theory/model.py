@@ -58,35 +58,36 @@ def n_expert_params(setting: str, dim: int) -> int:
     return dim + 1 if setting == "linear" else dim + 2
 
 
-def expert_mean(setting: str, x_nd: torch.Tensor, expert_np: torch.Tensor) -> torch.Tensor:
-    """g(X, W_i) for every sample and expert: [n, N]."""
+def expert_mean(setting: str, x_nd: torch.Tensor, expert_NP: torch.Tensor) -> torch.Tensor:
+    """g(X, W_i) for every expert and sample: [N, n] (experts first: reductions over N run fast)."""
     d = x_nd.shape[1]
     if setting == "linear":
-        a, b = expert_np[:, :d], expert_np[:, d]
-        return x_nd @ a.T + b
+        a, b = expert_NP[:, :d], expert_NP[:, d:d + 1]
+        return a @ x_nd.T + b
     if setting == "ffn":
-        w2, w1, b = expert_np[:, 0], expert_np[:, 1:d + 1], expert_np[:, d + 1]
-        return w2 * F.softplus(x_nd @ w1.T + b)
+        w2, w1, b = expert_NP[:, :1], expert_NP[:, 1:d + 1], expert_NP[:, d + 1:d + 2]
+        return w2 * F.softplus(w1 @ x_nd.T + b)
     raise ValueError(f"unknown setting {setting!r}; choose one of {SETTINGS}")
 
 
-def gate_logits(gating: str, atoms: Atoms, x_nd: torch.Tensor, mean_nN: torch.Tensor) -> torch.Tensor:
-    """Pre-softmax gate scores [n, N]."""
+def gate_logits(gating: str, atoms: Atoms, x_nd: torch.Tensor, mean_Nn: torch.Tensor) -> torch.Tensor:
+    """Pre-softmax gate scores [N, n]."""
     if gating == "competition":
-        return atoms.logw + F.softplus(mean_nN)          # Eq. (6): exp(softplus(g)) = 1 + exp(g)
+        return atoms.logw[:, None] + F.softplus(mean_Nn)   # Eq. (6): exp(softplus(g)) = 1 + exp(g)
     if gating == "softmax":
         if atoms.gate is None:
             raise ValueError("softmax gating needs gate slopes (Atoms.gate)")
-        return atoms.logw + x_nd @ atoms.gate.T
+        return atoms.logw[:, None] + atoms.gate @ x_nd.T
     raise ValueError(f"unknown gating {gating!r}; choose one of {GATINGS}")
 
 
 def log_density(setting: str, gating: str, atoms: Atoms, x_nd: torch.Tensor, y_n: torch.Tensor) -> torch.Tensor:
     """log p_G(Y|X) for each sample: [n]."""
     mean = expert_mean(setting, x_nd, atoms.expert)
-    log_gate = torch.log_softmax(gate_logits(gating, atoms, x_nd, mean), dim=1)
-    log_normal = -0.5 * (math.log(2 * math.pi) + atoms.var.log() + (y_n[:, None] - mean) ** 2 / atoms.var)
-    return torch.logsumexp(log_gate + log_normal, dim=1)
+    log_gate = torch.log_softmax(gate_logits(gating, atoms, x_nd, mean), dim=0)
+    var = atoms.var[:, None]
+    log_normal = -0.5 * (math.log(2 * math.pi) + var.log() + (y_n - mean) ** 2 / var)
+    return torch.logsumexp(log_gate + log_normal, dim=0)
 
 
 def sample_x(n: int, dim: int, gen: torch.Generator, dtype=torch.float64) -> torch.Tensor:
@@ -97,7 +98,7 @@ def sample_x(n: int, dim: int, gen: torch.Generator, dtype=torch.float64) -> tor
 def sample_y(setting: str, gating: str, atoms: Atoms, x_nd: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Y | X drawn from p_G(Y|X): pick an expert from the gate, then add its Gaussian noise."""
     mean = expert_mean(setting, x_nd, atoms.expert)
-    probs = torch.softmax(gate_logits(gating, atoms, x_nd, mean), dim=1)
-    k = torch.multinomial(probs, 1, generator=gen)[:, 0]
+    probs_nN = torch.softmax(gate_logits(gating, atoms, x_nd, mean), dim=0).T
+    k = torch.multinomial(probs_nN, 1, generator=gen)[:, 0]
     noise = torch.randn(x_nd.shape[0], generator=gen, dtype=x_nd.dtype)
-    return mean.gather(1, k[:, None])[:, 0] + atoms.var[k].sqrt() * noise
+    return mean.T.gather(1, k[:, None])[:, 0] + atoms.var[k].sqrt() * noise

@@ -64,7 +64,7 @@ def run_study(cfg: TheoryConfig, log: Callable[[str], None] = print) -> dict:
             records.append({
                 "seed": seed, "n": n, "nll": fit.nll, "loss": v.loss, "weight_term": v.weight_term,
                 "exact": v.exact_error, "over": v.over_error, "cell_sizes": v.sizes,
-                "start_cells": list(fit.structure), "restart": fit.restart, "iterations": fit.iterations,
+                "start_cells": list(fit.structure), "restart": fit.restart, "iterations": fit.iterations, "grad_max": fit.grad_max,
                 "restart_nlls": fit.nlls, "seconds": time.time() - t0,
             })
         log(f"seed {seed}: {len(sizes)} sample sizes in {time.time() - t_seed:.1f}s")

@@ -9,7 +9,7 @@ MAX_TRUE_EXPERTS = 3
 
 # One row per true expert, for a one-dimensional input.
 _LINEAR = [(2.0, 0.5), (-1.5, -0.5), (0.5, -1.5)]          # (a, b)
-_FFN = [(2.0, 1.5, 0.0), (-1.5, -2.0, 0.5), (1.0, -1.0, -1.0)]  # (w2, w1, b)
+_FFN = [(2.0, 4.0, -1.0), (-1.5, -4.0, 1.0), (1.0, -3.0, -0.5)]  # (w2, w1, b): kinks inside [-1, 1]
 _VAR = [0.10, 0.05, 0.08]                                   # ν*
 _GATE = [1.0, -1.0, 0.0]                                    # β* (softmax gating only)
 

@@ -21,7 +21,7 @@ def act(name: str, h: torch.Tensor) -> torch.Tensor:
 
 def expert_out(experts, e: int, x_D: torch.Tensor) -> torch.Tensor:
     """g_e(x) for one token, from the stacked weights."""
-    h = x_D @ experts.w1[e]
+    h = experts.w1[e] @ x_D                      # w1: [N, H_in, D] (out, in)
     if experts.b1 is not None:
         h = h + experts.b1[e]
     if experts.activation == "swiglu":
@@ -30,7 +30,7 @@ def expert_out(experts, e: int, x_D: torch.Tensor) -> torch.Tensor:
         h = act("silu", gate) * up
     else:
         h = act(experts.activation, h)
-    out = h @ experts.w2[e]
+    out = experts.w2[e] @ h                      # w2: [N, D, H]
     if experts.b2 is not None:
         out = out + experts.b2[e]
     return out

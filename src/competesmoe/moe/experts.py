@@ -44,8 +44,10 @@ class Experts(nn.Module):
         self.activation, self.backend = activation, backend
         self.gated = activation == "swiglu"
         h_in = 2 * d_expert if self.gated else d_expert  # swiglu: [gate | up]
-        self.w1 = nn.Parameter(torch.empty(n_experts, d_model, h_in))
-        self.w2 = nn.Parameter(torch.empty(n_experts, d_expert, d_model))
+        # Stored [out, in] per expert (nn.Linear's layout, also transformers' MoE layout): grouped_mm on
+        # the transposed views is ~30x faster on CPU than on [in, out] storage.
+        self.w1 = nn.Parameter(torch.empty(n_experts, h_in, d_model))
+        self.w2 = nn.Parameter(torch.empty(n_experts, d_model, d_expert))
         self.b1 = nn.Parameter(torch.zeros(n_experts, h_in)) if bias else None
         self.b2 = nn.Parameter(torch.zeros(n_experts, d_model)) if bias else None
         self.reset_parameters()
@@ -72,10 +74,10 @@ class Experts(nn.Module):
     def forward_all(self, x_TD: torch.Tensor) -> torch.Tensor:
         """Every expert applied to every token: [N, T, D]."""
         dt = compute_dtype(x_TD)
-        h_NTH = torch.matmul(x_TD.to(dt), self.w1.to(dt))
+        h_NTH = torch.matmul(x_TD.to(dt), self.w1.to(dt).transpose(1, 2))
         if self.b1 is not None:
             h_NTH = h_NTH + self.b1.to(dt)[:, None, :]
-        out_NTD = torch.matmul(self._act(h_NTH), self.w2.to(dt))
+        out_NTD = torch.matmul(self._act(h_NTH), self.w2.to(dt).transpose(1, 2))
         if self.b2 is not None:
             out_NTD = out_NTD + self.b2.to(dt)[:, None, :]
         return out_NTD
@@ -90,7 +92,7 @@ class Experts(nn.Module):
         e_M = flat_M.index_select(0, order_M)                 # expert of each sorted pair
         counts_N = torch.bincount(flat_M, minlength=self.n_experts)
         x_MD = x_TD.to(dt).index_select(0, order_M // K)
-        w1, w2 = self.w1.to(dt), self.w2.to(dt)
+        w1, w2 = self.w1.to(dt).transpose(1, 2), self.w2.to(dt).transpose(1, 2)   # [N, in, out] views
         b1 = None if self.b1 is None else self.b1.to(dt)
         b2 = None if self.b2 is None else self.b2.to(dt)
         if self._use_grouped_mm(x_MD, w1, w2):

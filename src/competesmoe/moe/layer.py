@@ -150,7 +150,7 @@ class MoE(nn.Module):
     def _chunk(self, x_TD: torch.Tensor) -> int:
         if self.cfg.competition.chunk_tokens is not None:
             return self.cfg.competition.chunk_tokens
-        per_token = self.cfg.n_routed * max(self.cfg.d_model, self.experts.w1.shape[-1])
+        per_token = self.cfg.n_routed * max(self.cfg.d_model, self.experts.w1.shape[1])
         return max(1, _AUTO_CHUNK_ELEMENTS // per_token)
 
     def _past_warmup(self) -> bool:

@@ -1,0 +1,202 @@
+"""A decoder-only pre-LN transformer whose MLPs are `competesmoe.MoE` layers (SPEC §7).
+
+Attention is dense causal self-attention with rotary position embeddings; every block's MLP is an MoE
+layer with the configured router. `forward` returns the logits, the LM loss (when targets are given) and
+the auxiliary loss averaged over MoE layers. A key/value cache makes generation incremental.
+Shapes: B batch, S sequence, D d_model, V vocabulary, Hh heads, Dh head dim.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Config, LossConfig, MoEConfig, apply_overrides, check
+from ..moe import MoE
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class ModelConfig(Config):
+    vocab_size: int = 4096
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    d_head: int | None = None       # default d_model // n_heads; the paper preset uses 82 with d_model 512
+    max_seq_len: int = 256
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    moe: MoEConfig = field(default_factory=lambda: MoEConfig(d_model=128, d_expert=64, n_experts=16, top_k=4))
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_head or self.d_model // self.n_heads
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "max_seq_len"):
+            check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        check(self.d_head is not None or self.d_model % self.n_heads == 0,
+              f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set d_head")
+        check(self.head_dim % 2 == 0, f"head dim must be even for rotary embeddings, got {self.head_dim}")
+        check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        check(self.moe.d_model == self.d_model,
+              f"moe.d_model={self.moe.d_model} must equal d_model={self.d_model}")
+
+
+def _moe(d, h, n, k, **kw) -> MoEConfig:
+    return MoEConfig(d_model=d, d_expert=h, n_experts=n, top_k=k, **kw)
+
+
+# Presets. Balance loss per SPEC §4 for LM pre-training: entropy 0.01, no z-loss.
+_LM_LOSSES = LossConfig(balance="entropy", balance_coef=0.01, zloss_coef=0.0)
+PRESETS: dict[str, ModelConfig] = {
+    # trains in minutes on 2 CPU cores
+    "tiny": ModelConfig(vocab_size=4096, n_layers=4, d_model=128, n_heads=4, max_seq_len=128,
+                        moe=_moe(128, 64, 16, 4, activation="relu", losses=_LM_LOSSES)),
+    "small": ModelConfig(vocab_size=8192, n_layers=8, d_model=256, n_heads=4, max_seq_len=512,
+                         moe=_moe(256, 128, 32, 4, activation="relu", losses=_LM_LOSSES)),
+    # Section 5.1 / Appendix I.2: 16 layers, d_model 512, 4 heads of 82, 64 experts of 128, K 8
+    "paper-151m": ModelConfig(vocab_size=50304, n_layers=16, d_model=512, n_heads=4, d_head=82, max_seq_len=1024,
+                              moe=_moe(512, 128, 64, 8, activation="relu", losses=_LM_LOSSES)),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    check(name in PRESETS, f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return apply_overrides(PRESETS[name], overrides)  # a validated copy
+
+
+def rotary(x_BHSD: torch.Tensor, pos_S: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary position embedding on the last dim (pairs of halves)."""
+    half = x_BHSD.shape[-1] // 2
+    freq = theta ** (-torch.arange(half, device=x_BHSD.device, dtype=torch.float32) / half)
+    ang_SH = pos_S.float()[:, None] * freq[None, :]
+    cos, sin = ang_SH.cos().to(x_BHSD.dtype), ang_SH.sin().to(x_BHSD.dtype)
+    x1, x2 = x_BHSD[..., :half], x_BHSD[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.d_head, self.theta = cfg.n_heads, cfg.head_dim, cfg.rope_theta
+        inner = cfg.n_heads * cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, 3 * inner, bias=False)
+        self.out = nn.Linear(inner, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x_BSD, pos_S, cache: tuple[torch.Tensor, torch.Tensor] | None = None):
+        B, S, _ = x_BSD.shape
+        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4)
+        q, k = rotary(q, pos_S, self.theta), rotary(k, pos_S, self.theta)
+        if cache is not None:
+            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+        # With a cache, new queries see every cached key and the causal part of the new ones.
+        causal = cache is None or cache[0].shape[2] == 0
+        mask = None
+        if not causal:
+            past = k.shape[2] - S
+            mask = torch.ones(S, k.shape[2], dtype=torch.bool, device=x_BSD.device).tril(diagonal=past)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and S > 1,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out(o.transpose(1, 2).reshape(B, S, -1)), (k, v)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg)
+        self.moe = MoE(cfg.moe)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x_BSD, pos_S, cache=None, compete=None):
+        a, new_cache = self.attn(self.ln1(x_BSD), pos_S, cache)
+        x_BSD = x_BSD + self.drop(a)
+        out = self.moe(self.ln2(x_BSD), compete=compete)
+        return x_BSD + self.drop(out.y), out, new_cache
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor                      # [B, S, V]
+    loss: torch.Tensor | None                 # LM cross-entropy + aux_loss (when targets were given)
+    lm_loss: torch.Tensor | None
+    aux_loss: torch.Tensor                    # mean over MoE layers of each layer's weighted aux loss
+    moe: list = dataclasses.field(default_factory=list)   # one MoEOutput per layer
+    cache: KVCache | None = None
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 style: N(0, 0.02), residual projections scaled by 1/sqrt(2L)."""
+        std, res_std = 0.02, 0.02 / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() < 2 or "ln" in name:
+                continue
+            is_residual_out = name.endswith("attn.out.weight") or name.endswith("experts.w2") or "shared.inner.w2" in name
+            nn.init.normal_(p, 0.0, res_std if is_residual_out else std)
+
+    def num_parameters(self, active: bool = False) -> int:
+        total = sum(p.numel() for p in self.parameters())
+        if not active:
+            return total
+        m = self.cfg.moe
+        per_expert = sum(p[0].numel() for p in self.blocks[0].moe.experts.parameters())
+        return total - self.cfg.n_layers * per_expert * (m.n_routed - m.k_routed)
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                compete: bool | None = None, cache: KVCache | None = None, use_cache: bool = False) -> LMOutput:
+        B, S = input_ids.shape
+        past = 0 if not cache else cache[0][0].shape[2]
+        if past + S > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {past + S} exceeds max_seq_len={self.cfg.max_seq_len}")
+        pos_S = torch.arange(past, past + S, device=input_ids.device)
+        x = self.drop(self.embed(input_ids))
+        outs, new_cache = [], []
+        for i, block in enumerate(self.blocks):
+            x, out, kv = block(x, pos_S, cache[i] if cache else None, compete)
+            outs.append(out)
+            new_cache.append(kv)
+        logits = self.head(self.ln_f(x))
+        aux = torch.stack([o.aux_loss for o in outs]).mean()
+        lm_loss = loss = None
+        if targets is not None:
+            lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+            loss = lm_loss + aux
+        return LMOutput(logits, loss, lm_loss, aux, outs, new_cache if use_cache else None)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Greedy (temperature 0) or sampled continuation."""
+        ids, cache = input_ids, None
+        for _ in range(max_new_tokens):
+            step_in = ids if cache is None else ids[:, -1:]
+            out = self(step_in, cache=cache, use_cache=use_cache)
+            cache = out.cache
+            logits = out.logits[:, -1].float()
+            if temperature > 0:
+                nxt = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)
+            else:
+                nxt = logits.argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], dim=1)
+        return ids

@@ -1,0 +1,156 @@
+"""Checkpoints: atomic, verified, never overwritten, the last N kept.
+
+A checkpoint is a folder `RUN/checkpoints/step_00000100/` holding
+  model.safetensors   the model weights
+  trainer.pt          optimizer, competition schedule, RNG states, data position, counters
+  config.yaml         the full run config
+  manifest.json       written last: size and SHA-256 of each file above
+It is written into a temporary folder, every file fsynced, then renamed into place, so a crash leaves
+either a complete checkpoint or an ignored `.tmp-*` folder. `latest_good` walks back from the newest
+checkpoint to the first one whose manifest verifies, saying which it skipped and why.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FILES = ("model.safetensors", "trainer.pt", "config.yaml")
+PREFIX = "step_"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def step_dir(ckpt_root: Path, step: int) -> Path:
+    return ckpt_root / f"{PREFIX}{step:08d}"
+
+
+def save(ckpt_root: str | Path, step: int, model_state: dict[str, torch.Tensor], trainer_state: dict,
+         config_yaml: str, keep_last: int | None = None) -> Path:
+    root = Path(ckpt_root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = step_dir(root, step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}-{time.time_ns()}"
+    tmp.mkdir()
+    # safetensors refuses shared storage (tied embeddings): store each tensor once, contiguous.
+    tensors, seen = {}, {}
+    for k, v in model_state.items():
+        key = (v.data_ptr(), v.shape, v.stride()) if v.numel() else None
+        if key is not None and key in seen:
+            continue
+        seen[key] = k
+        tensors[k] = v.detach().cpu().contiguous()
+    save_file(tensors, str(tmp / "model.safetensors"))
+    with open(tmp / "model.safetensors", "rb+") as f:
+        os.fsync(f.fileno())
+    buf = io.BytesIO()
+    torch.save(trainer_state, buf)
+    _fsync_write(tmp / "trainer.pt", buf.getvalue())
+    _fsync_write(tmp / "config.yaml", config_yaml.encode())
+    manifest = {"step": step, "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in FILES}}
+    _fsync_write(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
+    _fsync_dir(tmp)
+    if final.exists():  # never overwrite: keep whatever was there (e.g. a corrupt one) aside
+        final.rename(root / f"{final.name}.replaced-{time.time_ns()}")
+    tmp.rename(final)
+    _fsync_dir(root)
+    if keep_last:
+        for old in checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def checkpoints(ckpt_root: str | Path) -> list[Path]:
+    """Checkpoint folders, oldest first (temporary and set-aside folders are not checkpoints)."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    return sorted(dirs, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def verify(path: str | Path) -> None:
+    """Raise CheckpointError naming what is wrong with the checkpoint at `path`."""
+    path = Path(path)
+    mf = path / "manifest.json"
+    if not mf.is_file():
+        raise CheckpointError(f"{path}: no manifest.json (incomplete or not a checkpoint)")
+    try:
+        manifest = json.loads(mf.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: unreadable manifest.json ({e})") from None
+    for name, meta in files.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{path}: missing {name}")
+        if f.stat().st_size != meta["bytes"]:
+            raise CheckpointError(f"{path}: {name} is truncated ({f.stat().st_size} of {meta['bytes']} bytes)")
+        if _sha256(f) != meta["sha256"]:
+            raise CheckpointError(f"{path}: {name} is corrupted (checksum mismatch)")
+
+
+def latest_good(ckpt_root: str | Path, log=print) -> Path | None:
+    for path in reversed(checkpoints(ckpt_root)):
+        try:
+            verify(path)
+            return path
+        except CheckpointError as e:
+            log(f"warning: skipping checkpoint: {e}")
+    return None
+
+
+def resolve(path: str | Path, log=print) -> Path:
+    """A checkpoint folder from a checkpoint, a `checkpoints/` folder or a run folder (newest good one)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint or run folder")
+    if (path / "manifest.json").is_file():
+        verify(path)
+        return path
+    for root in (path / "checkpoints", path):
+        found = latest_good(root, log)
+        if found is not None:
+            return found
+    raise CheckpointError(f"{path}: no valid checkpoint found")
+
+
+def load(path: str | Path, map_location="cpu") -> tuple[dict[str, torch.Tensor], dict, str]:
+    """(model tensors, trainer state, config yaml) of a verified checkpoint folder."""
+    path = Path(path)
+    verify(path)
+    tensors = load_file(str(path / "model.safetensors"), device=str(map_location))
+    trainer_state = torch.load(path / "trainer.pt", map_location=map_location, weights_only=False)
+    return tensors, trainer_state, (path / "config.yaml").read_text()

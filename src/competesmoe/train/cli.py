@@ -1,0 +1,52 @@
+"""`competesmoe train`: pre-train a language model with any router (SPEC §7)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..config import ConfigError, ROUTERS
+from .config import RUN_PRESETS, RunConfig, run_preset
+from .loop import Trainer, TrainingError, dump_summary
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", choices=sorted(RUN_PRESETS), help="model + training preset")
+    p.add_argument("--config", help="a YAML RunConfig (model/data/train sections); presets and flags apply on top")
+    p.add_argument("--router", choices=ROUTERS, help="router policy of every MoE layer")
+    p.add_argument("--data", help="training text: .txt/.jsonl(.gz) file or folder, or hf:NAME (default: synthetic)")
+    p.add_argument("--valid", help="validation text (default: a held-out part of --data)")
+    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--out", help="run folder: checkpoints, metrics.jsonl, tensorboard/, tokenizer.json")
+    p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--precision", choices=("fp32", "bf16"))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config value by dotted path or unique name, e.g. "
+                        "model.moe.competition.kappa=silu, omega=0.03, train.lr=1e-3 (repeatable)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def build_config(args: argparse.Namespace) -> RunConfig:
+    cfg = RunConfig.from_yaml(args.config) if args.config else run_preset(args.preset)
+    flags = {"router": args.router, "data.train": args.data, "data.valid": args.valid, "train.steps": args.steps,
+             "train.out_dir": args.out, "train.device": args.device, "train.precision": args.precision}
+    from ..config import apply_overrides
+    cfg = apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None})
+    return apply_overrides(cfg, args.overrides)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        cfg = build_config(args)
+        if args.print_config:
+            print(cfg.to_yaml(), end="")
+            return 0
+        trainer = Trainer(cfg, resume=args.resume)
+        summary = trainer.train()
+    except (ConfigError, TrainingError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    dump_summary(summary, trainer.out)
+    print(f"final validation perplexity: {summary['val_ppl']:.2f} (loss {summary['val_loss']:.4f}) "
+          f"after {summary['step']} steps; run folder: {summary['out_dir']}")
+    return 0

@@ -1,0 +1,84 @@
+"""`RunConfig` = model + data + training; run presets (`tiny`, `small`, `paper-151m`)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ..config import Config, ScheduleConfig, apply_overrides, check, check_choice
+from ..data import DataConfig
+from ..model.transformer import PRESETS as MODEL_PRESETS, ModelConfig
+
+
+@dataclass
+class TrainConfig(Config):
+    out_dir: str = "runs/default"
+    steps: int = 300                  # optimizer steps
+    batch_size: int = 16              # sequences per micro-batch
+    grad_accum: int = 1               # micro-batches per optimizer step
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1         # cosine decays to lr · min_lr_ratio
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0            # 0 disables clipping
+    precision: str = "fp32"           # "bf16": autocast to bfloat16 (CPU and CUDA)
+    device: str = "auto"              # "auto": cuda if available, else cpu
+    seed: int = 42
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 20
+    ckpt_every: int = 100
+    keep_last: int = 3
+    nan_policy: str = "skip"          # non-finite loss: "skip" the step (counted) or "stop" with an error
+    max_nan_skips: int = 10           # consecutive skipped steps before stopping anyway
+    tensorboard: bool = True
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)   # competition (competesmoe only)
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches",
+                     "ckpt_every", "keep_last", "max_nan_skips"):
+            v = getattr(self, name)
+            check(isinstance(v, int) and v >= 1, f"train.{name} must be an integer >= 1, got {v!r}")
+        check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        check(self.weight_decay >= 0 and self.grad_clip >= 0, "weight_decay and grad_clip must be >= 0")
+        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "betas must be in [0, 1)")
+        check_choice("train.precision", self.precision, ("fp32", "bf16"))
+        check_choice("train.nan_policy", self.nan_policy, ("skip", "stop"))
+        check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
+              f"train.device must be auto, cpu, cuda[:N] or mps, got {self.device!r}")
+
+
+@dataclass
+class RunConfig(Config):
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        check(self.data.seq_len <= self.model.max_seq_len,
+              f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+
+
+def _run(model: str, seq_len: int, vocab: int, **train) -> RunConfig:
+    m = dataclasses.replace(MODEL_PRESETS[model], vocab_size=vocab)
+    return RunConfig(model=m, data=DataConfig(seq_len=seq_len, vocab_size=vocab), train=TrainConfig(**train))
+
+
+RUN_PRESETS: dict[str, RunConfig] = {
+    "tiny": _run("tiny", 128, 4096, steps=300, batch_size=16, lr=3e-3, warmup_steps=30, eval_every=100,
+                 ckpt_every=100),
+    "small": _run("small", 256, 8192, steps=5000, batch_size=32, lr=1e-3, warmup_steps=200, eval_every=500,
+                  ckpt_every=500),
+    # Section 5.1 / Appendix I.2 (per GPU: 64 x 1024 tokens; 4 GPUs in the paper; 100k steps)
+    "paper-151m": _run("paper-151m", 1024, 50304, steps=100_000, batch_size=64, lr=2.5e-4, warmup_steps=2000,
+                       eval_every=2000, ckpt_every=2000, precision="bf16",
+                       schedule=ScheduleConfig(omega=0.07, a_max=3, warmup=0.0, seed=42)),
+}
+
+
+def run_preset(name: str, overrides: list[str] | dict | None = None) -> RunConfig:
+    check(name in RUN_PRESETS, f"unknown preset {name!r}; choose from {sorted(RUN_PRESETS)}")
+    return apply_overrides(RUN_PRESETS[name], overrides or {})

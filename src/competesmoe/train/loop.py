@@ -1,0 +1,270 @@
+"""The training loop: one page, top to bottom.
+
+    trainer = Trainer(run_config, resume=True)
+    summary = trainer.train()
+
+Each optimizer step: ask the competition schedule nothing (the MoE layers ask it themselves), run
+`grad_accum` micro-batches under optional bf16 autocast, check the loss is finite, clip, step AdamW,
+then `on_optimizer_step` (advances the schedule, updates non-gradient state). Checkpoints hold
+everything needed to continue bit-exactly: weights, optimizer, schedule, RNG states, data position.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..config import ConfigError
+from ..data import prepare_data
+from ..model import MoETransformer
+from ..moe import CompetitionSchedule, attach_schedule, on_optimizer_step
+from . import checkpoint as ckpt
+from .config import RunConfig
+from .metrics import MetricsLogger, step_metrics
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warm-up, then cosine decay to lr · min_lr_ratio at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, resume: bool = False, log=print) -> None:
+        self.cfg, self.log = cfg, log
+        t = cfg.train
+        self.out = Path(t.out_dir)
+        self.ckpt_root = self.out / "checkpoints"
+        existing = ckpt.checkpoints(self.ckpt_root)
+        if existing and not resume:
+            raise TrainingError(f"{self.out} already holds checkpoints; pass --resume to continue, "
+                                f"or choose another --out (nothing was overwritten)")
+        self.device = resolve_device(t.device)
+        seed_everything(t.seed)
+
+        self.data = prepare_data(cfg.data, log=log)
+        if self.data.vocab_size != cfg.model.vocab_size:
+            log(f"model.vocab_size set to the tokenizer's {self.data.vocab_size} (was {cfg.model.vocab_size})")
+            cfg.model.vocab_size = self.data.vocab_size
+        self.model = MoETransformer(cfg.model).to(self.device)
+        self.optimizer = self._optimizer()
+        self.schedule = CompetitionSchedule.from_config(t.schedule, cfg.model.n_layers, t.steps)
+        attach_schedule(self.model, self.schedule)
+        self.batches = self.data.train_batches(t.batch_size, seed=cfg.data.seed)
+        self.step, self.nan_skipped, self.consecutive_nan = 0, 0, 0
+        self.last_val: dict | None = None
+        self.metrics = MetricsLogger(self.out, tensorboard=t.tensorboard)
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.data.tokenizer.save(str(self.out / "tokenizer.json"))
+        cfg.to_yaml(self.out / "config.yaml")
+        if resume:
+            self._restore()
+
+    # --- setup ------------------------------------------------------------------------------------
+    def _optimizer(self) -> torch.optim.Optimizer:
+        t = self.cfg.train
+        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+        no_decay = [p for n, p in self.model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+        return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}],
+                                 lr=t.lr, betas=(t.beta1, t.beta2), foreach=True)
+
+    def _autocast(self):
+        if self.cfg.train.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def train(self) -> dict:
+        t = self.cfg.train
+        tokens_per_step = t.batch_size * t.grad_accum * self.cfg.data.seq_len
+        from tqdm.auto import tqdm
+        bar = tqdm(total=t.steps, initial=self.step, desc="train", dynamic_ncols=True, disable=None)
+        tic = time.perf_counter()
+        while self.step < t.steps:
+            lr = lr_at(self.step, t)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.model.train()
+            outs, loss_sum = [], 0.0
+            for _ in range(t.grad_accum):
+                batch = next(self.batches).to(self.device)
+                with self._autocast():
+                    out = self.model(batch[:, :-1], batch[:, 1:])
+                (out.loss / t.grad_accum).backward()
+                outs.append(out)
+                loss_sum += out.loss.detach()
+            loss = loss_sum / t.grad_accum
+            grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip) if t.grad_clip > 0
+                         else torch.sqrt(sum(p.grad.square().sum() for p in self.model.parameters() if p.grad is not None)))
+            finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+            if finite:
+                self.optimizer.step()
+                self.consecutive_nan = 0
+            else:
+                self._non_finite(float(loss))
+            self.optimizer.zero_grad(set_to_none=True)
+            on_optimizer_step(self.model)
+            self.step += 1
+            bar.update(1)
+
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                elapsed, tic = time.perf_counter() - tic, time.perf_counter()
+                m = step_metrics(outs, loss, grad_norm, lr)
+                m["tokens_per_s"] = tokens_per_step * t.log_every / elapsed if self.step % t.log_every == 0 else None
+                m["nan_skipped"] = self.nan_skipped
+                self.metrics.log(self.step, m)
+                bar.set_postfix(loss=f"{m['loss']:.3f}", ppl=f"{math.exp(min(m['lm_loss'], 50)):.1f}",
+                                tok_s=f"{m['tokens_per_s'] or 0:.0f}", comp=m["competing_layers"])
+            if self.step % t.eval_every == 0 or self.step == t.steps:
+                val = self.last_val = self.evaluate()
+                self.metrics.log(self.step, val)
+                bar.write(f"step {self.step}: val_loss {val['val_loss']:.4f}  val_ppl {val['val_ppl']:.2f}")
+            if self.step % t.ckpt_every == 0 or self.step == t.steps:
+                self.save()
+        bar.close()
+        self.metrics.close()
+        final = self.last_val if self.last_val is not None else self.evaluate()
+        return {"step": self.step, **final, "nan_skipped": self.nan_skipped, "out_dir": str(self.out)}
+
+    def _non_finite(self, loss: float) -> None:
+        t = self.cfg.train
+        last = ckpt.latest_good(self.ckpt_root, log=lambda *_: None)
+        where = f"last good checkpoint: {last}" if last else "no checkpoint written yet"
+        if t.nan_policy == "stop":
+            raise TrainingError(f"non-finite loss ({loss}) at step {self.step}; stopping ({where})")
+        self.nan_skipped += 1
+        self.consecutive_nan += 1
+        self.log(f"warning: non-finite loss ({loss}) at step {self.step}: update skipped "
+                 f"({self.nan_skipped} skipped so far)")
+        if self.consecutive_nan > t.max_nan_skips:
+            raise TrainingError(f"{self.consecutive_nan} consecutive non-finite losses up to step {self.step}; "
+                                f"stopping ({where})")
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        total, count = 0.0, 0
+        for batch in self.data.valid_batches(self.cfg.train.batch_size, self.cfg.train.eval_batches):
+            batch = batch.to(self.device)
+            with self._autocast():
+                out = self.model(batch[:, :-1], batch[:, 1:])
+            n = batch[:, 1:].numel()
+            total += float(out.lm_loss) * n
+            count += n
+        self.model.train()
+        if count == 0:
+            raise TrainingError("the validation split holds no complete sequence; give more validation data")
+        val = total / count
+        return {"val_loss": val, "val_ppl": math.exp(min(val, 50))}
+
+    # --- checkpoints ------------------------------------------------------------------------------
+    def save(self) -> Path:
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+                 "rng": rng_state(), "data": self.batches.state_dict(), "nan_skipped": self.nan_skipped,
+                 "consecutive_nan": self.consecutive_nan, "version": __version__}
+        return ckpt.save(self.ckpt_root, self.step, self.model.state_dict(), state, self.cfg.to_yaml(),
+                         keep_last=self.cfg.train.keep_last)
+
+    def _restore(self) -> None:
+        path = ckpt.latest_good(self.ckpt_root, log=self.log)
+        if path is None:
+            self.log(f"no checkpoint in {self.ckpt_root}: starting from scratch")
+            return
+        tensors, state, cfg_yaml = ckpt.load(path, map_location=self.device)
+        check_same_model(self.cfg, cfg_yaml, path)
+        load_weights(self.model, tensors, path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        attach_schedule(self.model, self.schedule)
+        self.batches.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        self.step, self.nan_skipped = state["step"], state["nan_skipped"]
+        self.consecutive_nan = state["consecutive_nan"]
+        self.log(f"resumed from {path} at step {self.step}")
+
+
+def check_same_model(cfg: RunConfig, saved_yaml: str, path) -> None:
+    """A checkpoint only continues the run it came from: model and data-order settings must match."""
+    import yaml
+    saved = yaml.safe_load(saved_yaml)
+    now = cfg.to_dict()
+    diffs = [f"model.{k}: checkpoint {saved['model'][k]!r} vs now {now['model'][k]!r}"
+             for k in now["model"] if saved["model"].get(k) != now["model"][k]]
+    for k in ("steps", "batch_size", "grad_accum", "seed"):
+        if saved["train"].get(k) != now["train"][k]:
+            diffs.append(f"train.{k}: checkpoint {saved['train'].get(k)!r} vs now {now['train'][k]!r}")
+    if diffs:
+        raise ConfigError(f"checkpoint {path} comes from another config:\n  " + "\n  ".join(diffs))
+
+
+def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path) -> None:
+    tied = {"head.weight"} if getattr(model.cfg, "tie_embeddings", False) else set()
+    expected = set(model.state_dict())
+    missing = expected - set(tensors) - tied
+    unexpected = set(tensors) - expected
+    wrong = [k for k in expected & set(tensors) if tensors[k].shape != model.state_dict()[k].shape]
+    if missing or unexpected or wrong:
+        raise ConfigError(f"checkpoint {path} does not fit this model: missing {sorted(missing)[:5]}, "
+                          f"unexpected {sorted(unexpected)[:5]}, wrong shapes {wrong[:5]}")
+    model.load_state_dict(tensors, strict=False)
+
+
+def dump_summary(summary: dict, out_dir: Path) -> None:
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+
+
+def load_trained(path: str | Path, device: str = "cpu", log=print):
+    """(model in eval mode, RunConfig, tokenizers.Tokenizer) from a checkpoint or run folder."""
+    from tokenizers import Tokenizer
+    folder = ckpt.resolve(path, log=log)
+    tensors, _, cfg_yaml = ckpt.load(folder, map_location=device)
+    import yaml
+    cfg = RunConfig.from_dict(yaml.safe_load(cfg_yaml))
+    model = MoETransformer(cfg.model).to(device)
+    load_weights(model, tensors, folder)
+    tok_path = next((p for p in (folder / "tokenizer.json", folder.parent.parent / "tokenizer.json") if p.is_file()), None)
+    if tok_path is None:
+        raise ckpt.CheckpointError(f"no tokenizer.json next to {folder} or in its run folder")
+    return model.eval(), cfg, Tokenizer.from_file(str(tok_path))

@@ -1,0 +1,66 @@
+"""Per-step metrics from the MoE layers' outputs, written as JSONL and TensorBoard events.
+
+Per-layer losses are averaged over MoE layers (as the model's aux loss is); `agreement` is averaged
+over the layers that competed at that step (router vs competition, |I_R ∩ I_C| / K).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+
+def routing_entropy(indices: torch.Tensor, n_experts: int) -> float:
+    """Entropy (nats) of the expert-selection frequency of one layer on one batch; max log N."""
+    p = torch.bincount(indices.reshape(-1), minlength=n_experts).float()
+    p = p / p.sum()
+    return float(-(p * p.clamp_min(1e-30).log()).sum())
+
+
+def step_metrics(outs: list, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> dict:
+    """Average over micro-batches and layers of what the model reported for one optimizer step."""
+    m: dict[str, float | int | None] = {"loss": float(loss), "grad_norm": float(grad_norm), "lr": lr}
+    m["lm_loss"] = sum(float(o.lm_loss.detach()) for o in outs) / len(outs)
+    m["aux_loss"] = sum(float(o.aux_loss.detach()) for o in outs) / len(outs)
+    layers = [mo for o in outs for mo in o.moe]
+    keys = sorted({k for mo in layers for k in mo.stats})
+    for k in keys:
+        vals = [float(mo.stats[k]) for mo in layers if k in mo.stats]
+        m[k] = sum(vals) / len(vals)
+    n_routed = layers[0].router_logits.shape[-1]
+    m["routing_entropy"] = sum(routing_entropy(mo.indices, n_routed) for mo in layers) / len(layers)
+    m["competing_layers"] = sum(mo.competed for mo in outs[0].moe)
+    return m
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: Path, tensorboard: bool = True) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / "metrics.jsonl"
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:  # tensorboard is optional at run time
+                self.tb = None
+
+    def log(self, step: int, metrics: dict) -> None:
+        row = {"step": step, **{k: v for k, v in metrics.items() if v is not None}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

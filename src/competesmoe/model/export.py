@@ -1,0 +1,40 @@
+"""`competesmoe export CHECKPOINT_OR_RUN OUT_DIR`: a Hugging Face folder from a training checkpoint.
+
+The folder holds config.json, model.safetensors, generation_config.json and the tokenizer files;
+load it with `import competesmoe.model.hf` then `AutoModelForCausalLM.from_pretrained(OUT_DIR)`.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="checkpoint folder (checkpoints/step_XXXXXXXX) or run folder (newest good checkpoint)")
+    parser.add_argument("out_dir", help="output folder for the Hugging Face model")
+    parser.add_argument("--force", action="store_true", help="write into OUT_DIR even if it is not empty")
+
+
+def export(checkpoint: str | Path, out_dir: str | Path, force: bool = False, log=print) -> Path:
+    """Load `checkpoint` with `load_trained` and write the Hugging Face folder `out_dir`."""
+    from ..train.loop import load_trained
+    from .hf import save_hf
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"{out} is not empty; pass --force to overwrite its files")
+    model, _, tokenizer = load_trained(checkpoint, log=log)
+    save_hf(model, tokenizer, out)
+    log(f"exported {checkpoint} -> {out} ({model.num_parameters():,} parameters)")
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..train.checkpoint import CheckpointError
+    try:
+        export(args.checkpoint, args.out_dir, force=args.force)
+    except (CheckpointError, FileExistsError, ValueError) as e:
+        print(f"error: {e}")
+        return 1
+    return 0

@@ -1,0 +1,131 @@
+"""`analyze_checkpoints`: every SPEC §6 routing metric of a run's checkpoints on one fixed token set.
+
+    paths = checkpoint_paths("runs/tiny")            # oldest first
+    seqs = run_token_set(paths[-1], max_tokens=4096)  # first tokens of the run's validation split
+    report = analyze_checkpoints(paths, seqs)
+
+ECR compares consecutive checkpoints; agreement (router vs competition in analysis mode) is measured
+at every checkpoint; entropies, the load matrix and the top-(K+1) shift use the last checkpoint.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..train.checkpoint import CheckpointError, checkpoints, resolve
+from . import metrics
+from .collect import Routings, collect, lm_loss, token_batches
+from .shift import top_k_shift
+
+
+def checkpoint_paths(items: Sequence[str | Path]) -> list[Path]:
+    """Checkpoint folders, oldest first, from run folders, `checkpoints/` folders or checkpoints."""
+    found: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if not p.exists():
+            raise CheckpointError(f"{p}: no such run or checkpoint folder")
+        if (p / "manifest.json").is_file():
+            found.append(p)
+            continue
+        listed = checkpoints(p / "checkpoints") or checkpoints(p)
+        if not listed:
+            raise CheckpointError(f"{p}: holds no checkpoint (expected RUN/checkpoints/step_*)")
+        found.extend(listed)
+    return sorted(dict.fromkeys(found), key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int:
+    name = Path(path).name
+    return int(name.split("_")[-1]) if name.startswith("step_") and name.split("_")[-1].isdigit() else -1
+
+
+def run_token_set(ckpt: str | Path, max_tokens: int = 4096, text: str | None = None,
+                  log: Callable[[str], None] = print) -> torch.Tensor:
+    """Fixed analysis sequences [B, seq_len + 1]: the first `max_tokens` tokens of `text` (a file or
+    folder read like training data, encoded with the run's tokenizer) or of the run's validation split."""
+    from ..train import load_trained
+    _, cfg, tokenizer = load_trained(resolve(ckpt, log=log), log=log)
+    if text is not None:
+        from ..data.sources import read_documents
+        eos = tokenizer.token_to_id("<|endoftext|>")
+        ids: list[int] = []
+        for doc in read_documents(text):
+            ids.extend(tokenizer.encode(doc, add_special_tokens=False).ids)
+            if eos is not None:
+                ids.append(eos)
+        tokens = torch.tensor(ids, dtype=torch.long)
+    else:
+        from ..data import prepare_data
+        data = prepare_data(cfg.data, log=log)
+        if data.valid is None:
+            raise ValueError("the run has no validation split; pass a text file (--data)")
+        tokens = torch.from_numpy(data.valid[: max_tokens + cfg.data.seq_len + 1].astype("int64"))
+    return token_batches(tokens, cfg.data.seq_len, max_tokens)
+
+
+def _agreement(r: Routings) -> dict[str, Any]:
+    per_layer = [metrics.agreement(layer.cat("indices"), layer.cat("winners")) for layer in r.layers]
+    return {"per_layer": per_layer,
+            "agreement": sum(a["agreement"] for a in per_layer) / len(per_layer),
+            "top1_agreement": sum(a["top1_agreement"] for a in per_layer) / len(per_layer)}
+
+
+def analyze_checkpoints(paths: Sequence[str | Path], seqs_BS1: torch.Tensor, batch_size: int = 16,
+                        shift: bool = True, eval_tasks: str | None = None, eval_data: str | None = None,
+                        eval_limit: int | None = None, device: str = "cpu",
+                        log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The analysis report (a JSON-ready dict) of `paths` (oldest first) on `seqs_BS1`."""
+    from ..train import load_trained
+    if not paths:
+        raise ValueError("no checkpoint to analyse")
+    steps, agree, ecr = [], [], []
+    prev: list[torch.Tensor] | None = None
+    for path in paths:
+        model, cfg, tokenizer = load_trained(path, device=device, log=log)
+        r = collect(model, seqs_BS1, batch_size, winners=True, device=device)
+        step = checkpoint_step(Path(path))
+        steps.append(step)
+        agree.append({"step": step, "ppl": r.ppl, **_agreement(r)})
+        idx = r.indices()
+        if prev is not None:
+            ecr.append({"from_step": steps[-2], "to_step": step, **metrics.expert_change_rate(prev, idx)})
+        prev = idx
+        log(f"step {step}: ppl {r.ppl:.2f}, agreement {agree[-1]['agreement']:.3f}"
+            + (f", ECR {ecr[-1]['ecr']:.3f}" if ecr else ""))
+    m = cfg.model.moe
+    N = m.n_routed
+    final = {"step": steps[-1], "ppl": r.ppl, "loss": r.loss,
+             "entropy": [metrics.layer_entropies(l.cat("indices"), l.cat("weights"), l.cat("logits")) for l in r.layers],
+             "load": metrics.expert_load(idx, N).tolist()}
+    if shift:
+        final["shift"] = shift_effect(model, seqs_BS1, tokenizer, cfg, batch_size, eval_tasks, eval_data,
+                                      eval_limit, device, base_loss=r.loss)
+    return {"checkpoints": [str(p) for p in paths], "steps": steps, "tokens": r.tokens,
+            "router": m.router, "n_layers": len(r.layers), "n_experts": N, "top_k": m.k_routed,
+            "ecr": ecr, "agreement": agree, "final": final}
+
+
+def shift_effect(model, seqs_BS1: torch.Tensor, tokenizer, cfg, batch_size: int = 16,
+                 eval_tasks: str | None = None, eval_data: str | None = None, eval_limit: int | None = None,
+                 device: str = "cpu", base_loss: float | None = None) -> dict[str, Any]:
+    """Perplexity (and optional zero-shot results) with normal vs top-(K+1)-shifted routing."""
+    import math
+    model.eval()
+    if base_loss is None:
+        base_loss = lm_loss(model, seqs_BS1, batch_size, device)[0]
+    with top_k_shift(model):
+        loss = lm_loss(model, seqs_BS1, batch_size, device)[0]
+    out: dict[str, Any] = {"ppl": math.exp(min(base_loss, 50)), "shifted_ppl": math.exp(min(loss, 50))}
+    out["delta_ppl"] = out["shifted_ppl"] - out["ppl"]
+    if eval_tasks:
+        from ..eval import evaluate
+        kw = dict(limit=eval_limit, batch_size=batch_size, device=device, max_length=cfg.model.max_seq_len,
+                  progress=False)
+        base = evaluate(model, tokenizer, eval_tasks, eval_data, name="top-K", **kw)
+        with top_k_shift(model):
+            shifted = evaluate(model, tokenizer, eval_tasks, eval_data, name="top-(K+1) shift", **kw)
+        out["zero_shot"] = {"base": base, "shifted": shifted}
+    return out

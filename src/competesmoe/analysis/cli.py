@@ -1,0 +1,43 @@
+"""`competesmoe analyze RUN_OR_CHECKPOINTS...`: routing analysis report of a run (SPEC §6)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", metavar="RUN_DIR_OR_CHECKPOINT",
+                   help="a run folder (all its checkpoints), a checkpoints/ folder, or checkpoint folders")
+    p.add_argument("--data", help="text file/folder (.txt/.jsonl(.gz)) for the token set "
+                                  "(default: the run's validation split)")
+    p.add_argument("--tokens", type=int, default=4096, help="size of the fixed token set")
+    p.add_argument("--out", help="report folder (default: RUN/analysis next to the first checkpoint)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--no-shift", action="store_true", help="skip the top-(K+1) shift experiment")
+    p.add_argument("--eval-tasks", help="zero-shot tasks (comma-separated, or all) for the shift experiment")
+    p.add_argument("--eval-data", help="zero-shot data folder (see docs/eval.md)")
+    p.add_argument("--eval-limit", type=int, help="first N items of each zero-shot task")
+    p.add_argument("--device", default="cpu")
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..config import ConfigError
+    from ..train.checkpoint import CheckpointError
+    from .analyze import analyze_checkpoints, checkpoint_paths, run_token_set
+    from .report import write_analysis
+    try:
+        if args.tokens < 1:
+            raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
+        paths = checkpoint_paths(args.paths)
+        seqs = run_token_set(paths[-1], args.tokens, args.data)
+        report = analyze_checkpoints(paths, seqs, args.batch_size, shift=not args.no_shift,
+                                     eval_tasks=args.eval_tasks, eval_data=args.eval_data,
+                                     eval_limit=args.eval_limit, device=args.device)
+        out = Path(args.out) if args.out else paths[-1].parent.parent / "analysis"
+        written = write_analysis(report, out)
+    except (CheckpointError, ConfigError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"analysis of {len(paths)} checkpoint(s) written to {written['markdown']}")
+    return 0

@@ -172,19 +172,21 @@ def _output(loss: torch.Tensor | None, logits: torch.Tensor, cache: Any) -> Caus
     return CausalLMOutputWithPast(loss=loss, logits=logits, **{key: cache})
 
 
-def hf_tokenizer(tokenizer: Any, max_length: int | None = None) -> PreTrainedTokenizerFast:
-    """A `tokenizers.Tokenizer` as a transformers fast tokenizer with `<|endoftext|>` as EOS (and pad)."""
+def hf_tokenizer(tokenizer: Any) -> PreTrainedTokenizerFast:
+    """A `tokenizers.Tokenizer` as a transformers fast tokenizer with `<|endoftext|>` as EOS (and pad).
+
+    `model_max_length` is left unset (the model's limit is config.max_position_embeddings), so that
+    evaluating long texts in windows does not warn."""
     if isinstance(tokenizer, PreTrainedTokenizerFast):
         return tokenizer
     if tokenizer.token_to_id(EOS_TOKEN) is None:
         raise ValueError(f"the tokenizer has no {EOS_TOKEN!r} token")
-    kw = {"model_max_length": max_length} if max_length else {}
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN, **kw)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
 
 
 def save_hf(model: MoETransformer, tokenizer: Any, out_dir: str | Path) -> Path:
     """Write a Hugging Face folder (config.json, model.safetensors, tokenizer files) for `model`."""
-    tok = hf_tokenizer(tokenizer, model.cfg.max_seq_len)
+    tok = hf_tokenizer(tokenizer)
     hf = CompeteSMoEForCausalLM.from_transformer(model, eos_token_id=tok.eos_token_id)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

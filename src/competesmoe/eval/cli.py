@@ -1,0 +1,121 @@
+"""`competesmoe eval MODEL [MODEL ...]`: zero-shot benchmarks (and validation perplexity) as a Table-2 report.
+
+Each MODEL is a checkpoint folder, a run folder (its newest good checkpoint) or a folder written by
+`competesmoe export`; several models give several rows of one table. Writes `results.json` and
+`results.md` into `--out` and prints the summary table.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .evaluator import TASKS
+
+VALID_TASK = "valid_ppl"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("models", nargs="+", metavar="MODEL",
+                        help="checkpoint folder, run folder or exported Hugging Face folder (several: one row each)")
+    parser.add_argument("--tasks", default="all",
+                        help=f"comma-separated: {', '.join(TASKS)}, all, or {VALID_TASK} (the run's own validation split)")
+    parser.add_argument("--data-dir", default=None, help="benchmark folder (default ../shared/data/eval)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="first N items per task (pairs per BLiMP paradigm, articles of WikiText-2, batches of valid_ppl)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--out", default="eval", help="folder for results.json and results.md")
+    parser.add_argument("--names", default=None, help="comma-separated row names (default: the folder names)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--mc-metric", default="acc", choices=("acc", "acc_norm", "acc_bytes"),
+                        help="metric of the PIQA / ARC / HellaSwag columns")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def split_tasks(tasks: str) -> tuple[list[str], bool]:
+    """(benchmark task names for `evaluate`, whether valid_ppl was asked for)."""
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    return [t for t in names if t != VALID_TASK], VALID_TASK in names
+
+
+def load_model(path: str | Path, device: str = "cpu") -> tuple[Any, Any, Any, int, int]:
+    """(model, tokenizer, RunConfig or None, max_length, eos id) from a checkpoint, run or HF folder."""
+    from ..model.hf import is_hf_folder, load_hf
+    if is_hf_folder(path):
+        model, tok = load_hf(path, device)
+        return model, tok, None, model.config.max_position_embeddings, tok.eos_token_id
+    from ..data.tokenizer import eos_id
+    from ..train.loop import load_trained
+    model, cfg, tok = load_trained(path, device=device, log=lambda *_: None)
+    return model, tok, cfg, cfg.model.max_seq_len, eos_id(tok)
+
+
+@torch.no_grad()
+def valid_perplexity(model: Any, cfg: Any, batch_size: int, max_batches: int | None = None,
+                     device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Token perplexity on the run's validation split (as the trainer computes it), via its DataConfig."""
+    from ..data import prepare_data
+    data = prepare_data(cfg.data, log=lambda *_: None)
+    total, count = 0.0, 0
+    for batch in data.valid_batches(batch_size, max_batches):
+        batch = batch.to(device)
+        logits = model(batch[:, :-1]).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                                reduction="sum")
+        total, count = total + float(nll), count + batch[:, 1:].numel()
+    if count == 0:
+        raise ValueError("the validation split holds no complete sequence")
+    return {"ppl": math.exp(total / count), "nll": total, "tokens": count, "n": count}
+
+
+def evaluate_one(path: str, name: str, args: argparse.Namespace, tasks: list[str], want_valid: bool,
+                 device: torch.device) -> dict[str, Any]:
+    from . import evaluate
+    model, tok, cfg, max_length, eos = load_model(path, str(device))
+    if tasks:
+        result = evaluate(model, tok, tasks, data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size,
+                          name=name, device=device, max_length=max_length, prefix_token_id=eos,
+                          progress=not args.no_progress)
+    else:
+        result = {"name": name, "tasks": {}, "settings": {"limit": args.limit, "batch_size": args.batch_size,
+                                                          "max_length": max_length, "device": str(device)}}
+    if want_valid:
+        if cfg is None:
+            print(f"warning: {path}: skipping {VALID_TASK} (an exported folder has no data config; pass the "
+                  f"training run instead)", file=sys.stderr)
+        else:
+            result["tasks"][VALID_TASK] = valid_perplexity(model, cfg, args.batch_size, args.limit, device)
+    result["settings"]["model_path"] = str(path)
+    return result
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..train.checkpoint import CheckpointError
+    from ..train.loop import resolve_device
+    from . import results_markdown, write_report
+    from .tasks import TaskDataError
+    names = args.names.split(",") if args.names else [Path(p).resolve().name for p in args.models]
+    if len(names) != len(args.models):
+        print(f"error: --names has {len(names)} names for {len(args.models)} models", file=sys.stderr)
+        return 2
+    try:
+        tasks, want_valid = split_tasks(args.tasks)
+        if tasks:
+            from .evaluator import expand_tasks
+            expand_tasks(tasks)  # fail on a typo before loading anything
+        elif not want_valid:
+            raise ValueError("no task given")
+        device = resolve_device(args.device)
+        runs = [evaluate_one(p, n, args, tasks, want_valid, device) for p, n in zip(args.models, names)]
+    except (CheckpointError, TaskDataError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    ppl_task = VALID_TASK if want_valid else "wikitext2"
+    paths = write_report(runs, args.out, mc_metric=args.mc_metric, ppl_task=ppl_task)
+    print(results_markdown(runs, args.mc_metric, ppl_task))
+    print(f"wrote {paths['markdown']} and {paths['json']}")
+    return 0

@@ -101,6 +101,11 @@ def _parse_value(text: str, current: Any, hint: Any) -> Any:
     if isinstance(current, bool) or hint is bool:
         check(isinstance(value, bool), f"expected true/false, got {text!r}")
         return value
+    if isinstance(current, (int, float)) and isinstance(value, str):
+        try:  # YAML reads "5e-3" as a string
+            value = float(value) if isinstance(current, float) else int(value)
+        except ValueError:
+            raise ConfigError(f"expected a number, got {text!r}") from None
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(current, str) and not isinstance(value, str):

@@ -225,16 +225,19 @@ class Trainer:
         self.log(f"resumed from {path} at step {self.step}")
 
 
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def check_same_model(cfg: RunConfig, saved_yaml: str, path) -> None:
     """A checkpoint only continues the run it came from: model and data-order settings must match."""
     import yaml
-    saved = yaml.safe_load(saved_yaml)
-    now = cfg.to_dict()
-    diffs = [f"model.{k}: checkpoint {saved['model'][k]!r} vs now {now['model'][k]!r}"
-             for k in now["model"] if saved["model"].get(k) != now["model"][k]]
-    for k in ("steps", "batch_size", "grad_accum", "seed"):
-        if saved["train"].get(k) != now["train"][k]:
-            diffs.append(f"train.{k}: checkpoint {saved['train'].get(k)!r} vs now {now['train'][k]!r}")
+    saved, now = _flatten(yaml.safe_load(saved_yaml)), _flatten(cfg.to_dict())
+    keys = [k for k in now if k.startswith("model.")] + [f"train.{k}" for k in ("steps", "batch_size", "grad_accum", "seed")]
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in keys if saved.get(k) != now[k]]
     if diffs:
         raise ConfigError(f"checkpoint {path} comes from another config:\n  " + "\n  ".join(diffs))
 

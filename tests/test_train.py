@@ -1,0 +1,217 @@
+"""Training end to end: exact resume after SIGKILL, faults and bad input, every router learns."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from competesmoe.config import ROUTERS, ConfigError
+from competesmoe.train import Trainer, TrainingError, load_trained, run_preset
+from competesmoe.train import checkpoint as ckpt
+from competesmoe.train.loop import lr_at
+
+from conftest import SHARED_DATA
+
+# A very small model on a small synthetic corpus: a step takes a few milliseconds.
+SMALL = ["model.n_layers=2", "model.d_model=64", "model.moe.d_model=64", "model.moe.d_expert=32",
+         "model.moe.n_experts=8", "model.moe.top_k=2", "model.max_seq_len=64", "data.seq_len=64",
+         "data.vocab_size=384", "data.synthetic_train_chars=300000", "data.synthetic_valid_chars=30000",
+         "data.progress=false", "train.batch_size=8", "train.eval_batches=4", "train.log_every=1",
+         "train.tensorboard=false", "train.warmup_steps=5"]
+
+
+def small_cfg(tmp_path, name="run", *extra):
+    return run_preset("tiny", SMALL + [f"train.out_dir={tmp_path / name}", f"data.cache_dir={tmp_path / 'cache'}",
+                                       *extra])
+
+
+def cli(tmp_path, name, *extra):
+    args = [a for o in SMALL + [f"data.cache_dir={tmp_path / 'cache'}", *extra] for a in ("--set", o)]
+    return [sys.executable, "-m", "competesmoe.cli", "train", "--out", str(tmp_path / name), *args]
+
+
+def final_weights(run: Path) -> dict:
+    return load_file(str(ckpt.checkpoints(run / "checkpoints")[-1] / "model.safetensors"))
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path):
+    common = ["router=competesmoe", "omega=0.4", "a_max=1", "train.steps=16", "train.ckpt_every=2",
+              "train.eval_every=8", "model.dropout=0.1", "train.keep_last=20"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(cli(tmp_path, "full", *common), check=True, env=env, capture_output=True)
+
+    kill_at = random.Random(1234).randint(3, 13)
+    proc = subprocess.Popen(cli(tmp_path, "killed", *common), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        rows = metrics.read_text().splitlines() if metrics.exists() else []
+        if any(json.loads(r)["step"] >= kill_at for r in rows):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_steps = [int(p.name[5:]) for p in ckpt.checkpoints(tmp_path / "killed" / "checkpoints")]
+    assert killed_steps and max(killed_steps) < 16, "the run must really have been interrupted"
+
+    res = subprocess.run(cli(tmp_path, "killed", *common) + ["--resume"], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "resumed from" in res.stdout + res.stderr
+    a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_corrupted_latest_checkpoint_falls_back_and_is_kept(tmp_path):
+    cfg = small_cfg(tmp_path, "run", "train.steps=6", "train.ckpt_every=2", "train.eval_every=6")
+    Trainer(cfg).train()
+    paths = ckpt.checkpoints(tmp_path / "run" / "checkpoints")
+    newest = paths[-1]
+    data = (newest / "model.safetensors").read_bytes()
+    (newest / "model.safetensors").write_bytes(data[: len(data) // 2])     # truncated
+    with pytest.raises(ckpt.CheckpointError, match="truncated"):
+        ckpt.verify(newest)
+    messages = []
+    assert ckpt.latest_good(tmp_path / "run" / "checkpoints", log=messages.append) == paths[-2]
+    assert "truncated" in messages[0]
+    # Flip a byte in the previous one too: the checksum catches it.
+    prev = bytearray((paths[-2] / "trainer.pt").read_bytes())
+    prev[100] ^= 0xFF
+    (paths[-2] / "trainer.pt").write_bytes(bytes(prev))
+    with pytest.raises(ckpt.CheckpointError, match="corrupted"):
+        ckpt.verify(paths[-2])
+    # Resuming uses the newest good one and re-saving never destroys the corrupt folder.
+    tr = Trainer(cfg, resume=True, log=messages.append)
+    assert tr.step == 2
+    tr.train()
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert any(".replaced-" in n for n in names)
+    ckpt.verify(ckpt.checkpoints(tmp_path / "run" / "checkpoints")[-1])
+
+
+def test_interrupted_write_leaves_no_checkpoint(tmp_path):
+    root = tmp_path / "checkpoints"
+    ckpt.save(root, 1, {"w": torch.ones(2)}, {"step": 1}, "a: 1\n")
+    (root / ".tmp-step_00000002-1-1").mkdir()          # a crash mid-write leaves only a temp folder
+    (root / "step_00000003").mkdir()                  # ... or a folder without manifest
+    assert [p.name for p in ckpt.checkpoints(root)] == ["step_00000001", "step_00000003"]
+    assert ckpt.latest_good(root, log=lambda *_: None).name == "step_00000001"
+
+
+def test_checkpoint_from_another_config_is_a_clear_error(tmp_path):
+    Trainer(small_cfg(tmp_path, "run", "train.steps=2", "train.eval_every=2")).train()
+    other = small_cfg(tmp_path, "run", "train.steps=2", "model.moe.top_k=3")
+    with pytest.raises(ConfigError, match="(?s)another config.*model.moe.top_k: checkpoint 2 vs now 3"):
+        Trainer(other, resume=True)
+    with pytest.raises(TrainingError, match="--resume"):
+        Trainer(small_cfg(tmp_path, "run", "train.steps=2"))          # never silently overwritten
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_non_finite_loss(tmp_path, policy):
+    cfg = small_cfg(tmp_path, "run", "train.steps=6", "train.ckpt_every=2", "train.eval_every=6",
+                    f"train.nan_policy={policy}", "train.max_nan_skips=2")
+    tr = Trainer(cfg)
+    forward = tr.model.forward
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        out = forward(*a, **k)
+        calls["n"] += 1
+        if calls["n"] == 3 and out.loss is not None:      # the third optimizer step
+            out.loss = out.loss * float("nan")
+        return out
+
+    tr.model.forward = poisoned
+    if policy == "stop":
+        with pytest.raises(TrainingError, match="non-finite loss.*step 2.*step_00000002"):
+            tr.train()
+        ckpt.verify(ckpt.checkpoints(tmp_path / "run" / "checkpoints")[-1])   # the last good one survives
+    else:
+        before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+        summary = tr.train()
+        assert summary["nan_skipped"] == 1 and summary["step"] == 6
+        assert all(torch.isfinite(v).all() for v in tr.model.state_dict().values())
+        assert any(not torch.equal(before[k], v) for k, v in tr.model.state_dict().items())
+
+
+def test_too_many_consecutive_non_finite_losses_stop(tmp_path):
+    tr = Trainer(small_cfg(tmp_path, "run", "train.steps=8", "train.max_nan_skips=2"))
+    forward = tr.model.forward
+    tr.model.forward = lambda *a, **k: (lambda o: (setattr(o, "loss", o.loss * float("inf")) if o.loss is not None else None) or o)(forward(*a, **k))
+    with pytest.raises(TrainingError, match="3 consecutive non-finite"):
+        tr.train()
+
+
+@pytest.mark.parametrize("content,msg", [
+    (b"", "empty"), (b"\x00\x01\x02binary", "binary"), (b"caf\xe9 au lait " * 50, "UTF-8")])
+def test_bad_training_data_is_a_clear_cli_error(tmp_path, content, msg):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(content)
+    res = subprocess.run(cli(tmp_path, "run", "train.steps=2") + ["--data", str(bad)], capture_output=True, text=True)
+    assert res.returncode == 1 and msg.lower() in res.stderr.lower(), res.stderr
+    res = subprocess.run(cli(tmp_path, "run", "train.steps=2") + ["--data", str(tmp_path / "missing.txt")],
+                         capture_output=True, text=True)
+    assert res.returncode == 1 and "missing.txt" in res.stderr
+
+
+@pytest.mark.parametrize("override,msg", [("train.lr=-1", "train.lr"), ("train.precision=fp8", "precision"),
+                                          ("model.moe.top_k=99", "K must be <= N"), ("bogus=1", "bogus")])
+def test_bad_cli_values_are_clear_errors(tmp_path, override, msg):
+    res = subprocess.run(cli(tmp_path, "run", override), capture_output=True, text=True)
+    assert res.returncode == 1 and msg in res.stderr, res.stderr
+
+
+def test_bad_yaml_config_is_a_clear_error(tmp_path):
+    y = tmp_path / "run.yaml"
+    y.write_text("model:\n  n_layers: 0\n")
+    res = subprocess.run([sys.executable, "-m", "competesmoe.cli", "train", "--config", str(y)],
+                         capture_output=True, text=True)
+    assert res.returncode == 1 and "n_layers" in res.stderr
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = run_preset("tiny", ["train.steps=100", "train.warmup_steps=10", "train.lr=1.0", "train.min_lr_ratio=0.1"]).train
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(55, cfg) == pytest.approx(0.55) and lr_at(100, cfg) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_every_router_lowers_validation_loss_on_synthetic(tmp_path, router):
+    cfg = small_cfg(tmp_path, router, f"router={router}", "train.steps=30", "train.eval_every=30", "omega=0.3",
+                    "train.lr=5e-3")
+    tr = Trainer(cfg)
+    before = tr.evaluate()["val_loss"]
+    after = tr.train()["val_loss"]
+    assert after < before - 0.5, (before, after)
+
+
+def test_bf16_autocast_trains(tmp_path):
+    cfg = small_cfg(tmp_path, "bf16", "router=competesmoe", "omega=0.5", "train.steps=20", "train.eval_every=20",
+                    "train.precision=bf16", "train.lr=5e-3")
+    tr = Trainer(cfg)
+    before = tr.evaluate()["val_loss"]
+    after = tr.train()["val_loss"]
+    assert after < before - 0.3
+    model, run_cfg, tok = load_trained(tmp_path / "bf16")
+    assert run_cfg.train.precision == "bf16" and tok.get_vocab_size() == run_cfg.model.vocab_size
+
+
+@pytest.mark.shared_data
+def test_gutenberg_slice_lowers_validation_loss(tmp_path):
+    g = SHARED_DATA / "corpus" / "gutenberg"
+    cfg = small_cfg(tmp_path, "gutenberg", f"data.train={g / 'train.jsonl.gz'}", f"data.valid={g / 'valid.jsonl.gz'}",
+                    "data.max_train_chars=400000", "data.tokenizer_train_chars=400000", "router=competesmoe",
+                    "omega=0.2", "train.steps=40", "train.eval_every=40", "train.lr=5e-3")
+    tr = Trainer(cfg)
+    before = tr.evaluate()["val_loss"]
+    assert tr.train()["val_loss"] < before - 0.5

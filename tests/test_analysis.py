@@ -1,0 +1,188 @@
+"""Routing metrics (SPEC §6) on hand-made routings, the top-(K+1) shift, and `competesmoe analyze`."""
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from competesmoe.analysis import metrics
+from competesmoe.analysis.analyze import analyze_checkpoints, checkpoint_paths, run_token_set
+from competesmoe.analysis.collect import collect, token_batches
+from competesmoe.analysis.shift import top_k_shift
+from competesmoe.cli import main as cli_main
+from competesmoe.config import MoEConfig
+from competesmoe.moe import MoE
+from competesmoe.train import Trainer, run_preset
+
+SMALL = ["model.n_layers=2", "model.d_model=64", "model.moe.d_model=64", "model.moe.d_expert=32",
+         "model.moe.n_experts=8", "model.moe.top_k=2", "model.max_seq_len=32", "data.seq_len=32",
+         "data.vocab_size=320", "data.synthetic_train_chars=60000", "data.synthetic_valid_chars=12000",
+         "data.progress=false", "train.batch_size=4", "train.eval_batches=1", "train.log_every=1",
+         "train.tensorboard=false", "train.warmup_steps=1"]
+
+
+# --- metrics on hand-made routings ---------------------------------------------------------------
+def test_ecr_identical_is_zero_and_disjoint_is_one():
+    a = [torch.tensor([[0, 1], [2, 3]]), torch.tensor([[4, 5], [6, 7]])]
+    assert metrics.expert_change_rate(a, a) == {"ecr": 0.0, "per_layer": [0.0, 0.0]}
+    # order inside a selection does not matter
+    assert metrics.expert_change_rate(a, [t.flip(-1) for t in a])["ecr"] == 0.0
+    b = [torch.tensor([[2, 3], [0, 1]]), torch.tensor([[0, 1], [2, 3]])]
+    assert metrics.expert_change_rate(a, b) == {"ecr": 1.0, "per_layer": [1.0, 1.0]}
+
+
+def test_ecr_partial_overlap_by_hand():
+    a = [torch.tensor([[0, 1, 2], [3, 4, 5]])]
+    b = [torch.tensor([[0, 1, 7], [5, 6, 7]])]  # token 0 keeps 2/3, token 1 keeps 1/3
+    assert metrics.expert_change_rate(a, b)["ecr"] == pytest.approx(1 - (2 / 3 + 1 / 3) / 2)
+
+
+def test_ecr_rejects_mismatched_routings():
+    with pytest.raises(ValueError, match="same number"):
+        metrics.expert_change_rate([torch.zeros(2, 2, dtype=torch.long)], [])
+    with pytest.raises(ValueError, match="same shape"):
+        metrics.expert_change_rate([torch.zeros(2, 2, dtype=torch.long)], [torch.zeros(3, 2, dtype=torch.long)])
+
+
+def test_agreement_by_hand():
+    router = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]])
+    comp = torch.tensor([[1, 0], [2, 9], [8, 9], [6, 7]])
+    a = metrics.agreement(router, comp)
+    assert a["agreement"] == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    assert a["top1_agreement"] == pytest.approx((0 + 1 + 0 + 1) / 4)
+
+
+def test_uniform_router_has_maximal_entropies():
+    N, K, T = 8, 2, 64
+    idx = torch.arange(T * K).remainder(N).view(T, K)     # every expert chosen equally often
+    assert metrics.selection_entropy(idx, N) == pytest.approx(math.log(N))
+    assert metrics.softmax_entropy(torch.zeros(T, N)) == pytest.approx(math.log(N))
+    assert metrics.weight_entropy(torch.full((T, K), 0.5)) == pytest.approx(math.log(K))
+    assert metrics.selection_entropy(torch.zeros(T, 1, dtype=torch.long), N) == pytest.approx(0.0)
+    # weights are renormalised: a constant scale does not change the entropy
+    assert metrics.weight_entropy(torch.full((T, K), 3.0)) == pytest.approx(math.log(K))
+
+
+def test_expert_load_matrix():
+    load = metrics.expert_load([torch.tensor([[0, 1], [0, 2]]), torch.tensor([[3, 3], [3, 3]])], 4)
+    assert load.shape == (2, 4)
+    assert load[0].tolist() == [0.5, 0.25, 0.25, 0.0]
+    assert load[1].tolist() == [0.0, 0.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="out of range"):
+        metrics.expert_load([torch.tensor([[5]])], 4)
+
+
+# --- top-(K+1) shift ------------------------------------------------------------------------------
+class Wrap(nn.Module):
+    def __init__(self, moe: MoE) -> None:
+        super().__init__()
+        self.moe = moe
+
+
+def _naive_shift(logits_TN, K, weight_fn):
+    idx, w = [], []
+    for row in logits_TN.tolist():
+        order = sorted(range(len(row)), key=lambda i: -row[i])[1:K + 1]   # ranks 2..K+1
+        idx.append(order)
+        w.append(weight_fn(torch.tensor([row[i] for i in order], dtype=torch.float64)).tolist())
+    return torch.tensor(idx), torch.tensor(w, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("router,extra,weight_fn", [
+    ("smoe", {}, lambda z: z.softmax(-1)),
+    ("xmoe", {}, lambda z: z.softmax(-1)),
+    ("moeut", {}, lambda z: torch.sigmoid(z) / torch.sigmoid(z).sum()),   # renormalised to the top-K mass below
+    ("sharede_v3", {}, lambda z: 2.5 * torch.sigmoid(z) / torch.sigmoid(z).sum()),
+])
+def test_shift_selects_ranks_2_to_k_plus_1_with_renormalised_weights(router, extra, weight_fn):
+    cfg = MoEConfig(d_model=16, d_expert=8, n_experts=8, top_k=3, router=router)
+    if router == "sharede_v3":
+        cfg.router_opts.routed_scale = 2.5
+        cfg.router_opts.n_shared = 1
+    layer = MoE(cfg)
+    model = Wrap(layer).eval()
+    x = torch.randn(40, 16)
+    with torch.no_grad():
+        before = layer(x)
+        with top_k_shift(model):
+            shifted = layer(x)
+        after = layer(x)
+    K = cfg.k_routed
+    idx, w = _naive_shift(shifted.router_logits.double(), K, weight_fn)
+    assert torch.equal(shifted.indices, idx)
+    if router == "moeut":  # raw sigmoid weights: total kept equal to the router's usual top-K total
+        w = w * torch.sigmoid(before.router_logits.double().topk(K).values).sum(-1, keepdim=True)
+    torch.testing.assert_close(shifted.weights.double(), w, rtol=1e-5, atol=1e-6)
+    assert torch.equal(after.indices, before.indices), "routing must be restored after the block"
+    assert "select" not in layer.router.__dict__
+
+
+def test_shift_refuses_training_mode_and_too_few_experts():
+    layer = MoE(MoEConfig(d_model=8, d_expert=4, n_experts=2, top_k=2))
+    with pytest.raises(ValueError, match="eval"):
+        with top_k_shift(Wrap(layer).train()):
+            pass
+    with pytest.raises(ValueError, match="K\\+1=3 <= N=2"):
+        with top_k_shift(Wrap(layer).eval()):
+            layer(torch.randn(3, 8))
+    assert "select" not in layer.router.__dict__
+
+
+def test_token_batches():
+    seqs = token_batches(torch.arange(100), seq_len=10, max_tokens=25)
+    assert seqs.shape == (3, 11) and seqs[1, 0] == 10 and seqs[0, -1] == 10
+    with pytest.raises(ValueError, match="at least 11 tokens"):
+        token_batches(torch.arange(5), 10)
+
+
+# --- on a trained run ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("analysis")
+    cfg = run_preset("tiny", SMALL + [f"train.out_dir={tmp / 'run'}", f"data.cache_dir={tmp / 'cache'}",
+                                      "train.steps=4", "train.ckpt_every=2", "train.eval_every=4",
+                                      "train.keep_last=10", "router=competesmoe", "omega=0.5"])
+    Trainer(cfg, log=lambda *_: None).train()
+    return tmp / "run"
+
+
+def test_identical_checkpoints_have_zero_ecr_and_collect_matches_the_model(run_dir):
+    paths = checkpoint_paths([run_dir])
+    assert [p.name for p in paths] == ["step_00000002", "step_00000004"]
+    seqs = run_token_set(paths[-1], max_tokens=64, log=lambda *_: None)
+    report = analyze_checkpoints([paths[-1], paths[-1]], seqs, log=lambda *_: None)
+    assert report["ecr"][0]["ecr"] == 0.0 and report["ecr"][0]["per_layer"] == [0.0, 0.0]
+    final = report["final"]
+    assert len(final["load"]) == 2 and all(sum(row) == pytest.approx(1.0) for row in final["load"])
+    assert final["shift"]["shifted_ppl"] > 0 and final["ppl"] == pytest.approx(report["agreement"][0]["ppl"])
+    for a in report["agreement"][0]["per_layer"]:
+        assert 0.0 <= a["top1_agreement"] <= 1.0 and 0.0 <= a["agreement"] <= 1.0
+
+
+def test_collect_records_winners_of_the_competition(run_dir):
+    from competesmoe.train import load_trained
+    model, cfg, _ = load_trained(run_dir, log=lambda *_: None)
+    seqs = torch.randint(0, cfg.model.vocab_size, (2, 9))
+    r = collect(model, seqs, batch_size=1)
+    layer = r.layers[0]
+    assert layer.cat("indices").shape == (16, 2) and layer.cat("winners").shape == (16, 2)
+    assert layer.cat("logits").shape == (16, 8) and r.tokens == 16
+
+
+def test_analyze_cli_writes_report(run_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert cli_main(["analyze", str(run_dir), "--tokens", "64", "--out", str(out)]) == 0
+    for name in ("analysis.md", "analysis.json", "ecr.png", "agreement.png", "load.png", "entropy.png"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "analysis.json").read_text())
+    assert report["steps"] == [2, 4] and len(report["ecr"]) == 1 and 0 <= report["ecr"][0]["ecr"] <= 1
+    assert "Top-(K+1) shift" in (out / "analysis.md").read_text()
+
+
+def test_analyze_cli_errors_are_clear(tmp_path, capsys):
+    assert cli_main(["analyze", str(tmp_path / "missing")]) == 1
+    assert "no such run or checkpoint folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert cli_main(["analyze", str(tmp_path / "empty")]) == 1
+    assert "holds no checkpoint" in capsys.readouterr().err

@@ -1,0 +1,134 @@
+"""Hugging Face wrapper: save/load round trip, Auto classes, generate with and without cache, export."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from competesmoe.config import MoEConfig, RouterConfig
+from competesmoe.model.hf import CompeteSMoEConfig, CompeteSMoEForCausalLM, register, save_hf
+from competesmoe.model.transformer import ModelConfig, MoETransformer
+
+
+def train_tiny_run(base: Path) -> Path:
+    """A 4-step tiny run, trained once per session (shared by test_hf.py and test_eval_cli.py)."""
+    run = base / "tiny_run"
+    if (run / "checkpoints").is_dir():
+        return run
+    from competesmoe.train import run_preset
+    from competesmoe.train.loop import Trainer
+    cfg = run_preset("tiny", {"train.steps": 4, "train.eval_every": 2, "train.eval_batches": 2,
+                              "train.ckpt_every": 4, "train.out_dir": str(run), "data.cache_dir": str(base / "cache"),
+                              "data.synthetic_train_chars": 200_000, "data.synthetic_valid_chars": 20_000,
+                              "data.vocab_size": 512})
+    Trainer(cfg, log=lambda *_: None).train()
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    return train_tiny_run(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_run, tmp_path_factory) -> Path:
+    from competesmoe.model.export import export
+    return export(tiny_run, tmp_path_factory.mktemp("hf") / "model", log=lambda *_: None)
+
+
+def small_model(router: str = "smoe") -> MoETransformer:
+    moe = MoEConfig(d_model=32, d_expert=16, n_experts=4, top_k=2, router=router,
+                    router_opts=RouterConfig(n_shared=1) if router.startswith("sharede") else RouterConfig())
+    torch.manual_seed(0)
+    return MoETransformer(ModelConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=2, max_seq_len=32, moe=moe)).eval()
+
+
+@pytest.mark.parametrize("router", ["smoe", "sharede_v3"])
+def test_save_pretrained_round_trip_gives_identical_logits(tmp_path, router):
+    model = small_model(router)
+    for buf in model.buffers():  # persistent router state (expert_bias) must survive
+        buf.uniform_()
+    hf = CompeteSMoEForCausalLM.from_transformer(model, eos_token_id=0)
+    hf.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "config.json").is_file()
+    loaded = CompeteSMoEForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.model.head.weight is loaded.model.embed.weight  # tied after loading
+    ids = torch.randint(0, 64, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    for name, buf in loaded.named_buffers():
+        assert torch.isfinite(buf).all(), name
+
+
+def test_labels_give_the_shifted_lm_loss():
+    model = small_model()
+    hf = CompeteSMoEForCausalLM.from_transformer(model)
+    ids = torch.randint(0, 64, (2, 9))
+    out = hf(ids, labels=ids)
+    ref = model(ids[:, :-1], targets=ids[:, 1:]).lm_loss
+    assert torch.allclose(out.loss, ref)
+    assert out.logits.shape == (2, 9, 64)
+
+
+def test_register_is_idempotent_and_config_is_derived():
+    register()
+    register()
+    cfg = CompeteSMoEConfig(model_config=small_model().cfg.to_dict())
+    assert (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size) == ("competesmoe", 2, 32, 64)
+    assert cfg.to_model_config() == small_model().cfg
+
+
+def test_padded_attention_mask_is_refused():
+    hf = CompeteSMoEForCausalLM.from_transformer(small_model())
+    with pytest.raises(ValueError, match="padding"):
+        hf(torch.ones(2, 4, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]))
+
+
+def test_generate_with_and_without_cache_equals_our_generate():
+    model = small_model()
+    hf = CompeteSMoEForCausalLM.from_transformer(model, eos_token_id=None)
+    ids = torch.randint(1, 64, (2, 6))
+    calls: list[int] = []
+    hook = hf.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    cached = hf.generate(ids, max_new_tokens=7, do_sample=False, use_cache=True, pad_token_id=0)
+    hook.remove()
+    assert calls == [6] + [1] * 6  # the cache was used: one new token per step
+    plain = hf.generate(ids, max_new_tokens=7, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(cached, plain)
+    assert torch.equal(cached, model.generate(ids, 7))
+
+
+def test_export_folder_loads_with_auto_classes(tiny_run, exported):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from competesmoe.train.loop import load_trained
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (exported / name).is_file(), name
+    model, _, tok = load_trained(tiny_run, log=lambda *_: None)
+    hf = AutoModelForCausalLM.from_pretrained(exported).eval()
+    hf_tok = AutoTokenizer.from_pretrained(exported)
+    assert isinstance(hf, CompeteSMoEForCausalLM)
+    assert hf_tok.eos_token == "<|endoftext|>" and hf_tok.eos_token_id == tok.token_to_id("<|endoftext|>")
+    text = "The quick brown fox, said he."
+    assert hf_tok(text)["input_ids"] == tok.encode(text).ids
+    ids = torch.tensor([tok.encode(text).ids])
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, model(ids).logits)
+    assert torch.equal(hf.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=None,
+                                   pad_token_id=hf_tok.pad_token_id), model.generate(ids, 5))
+
+
+def test_export_cli_errors(tmp_path, exported, capsys):
+    from competesmoe.cli import main
+    assert main(["export", str(tmp_path / "missing"), str(tmp_path / "out")]) == 1
+    assert "no such checkpoint" in capsys.readouterr().out
+    assert main(["export", str(tmp_path), str(exported)]) == 1  # not empty
+    assert "not empty" in capsys.readouterr().out
+
+
+def test_save_hf_needs_an_eos_token(tmp_path):
+    from tokenizers import Tokenizer, models
+    tok = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    with pytest.raises(ValueError, match="endoftext"):
+        save_hf(small_model(), tok, tmp_path)

@@ -54,7 +54,7 @@ def quality_rows(runs: list[dict]) -> tuple[list[str], list[dict[str, Any]]]:
     rows, cols = [], []
     for label, rs in groups.items():
         row: dict[str, Any] = {"Model": label, "Val PPL": _mean([r["summary"]["val_ppl"] for r in rs]),
-                               "_ppl": [r["summary"]["val_ppl"] for r in rs]}
+                               "val_ppl_seeds": [r["summary"]["val_ppl"] for r in rs]}
         evals = [table_rows(r["eval"])[0] for r in rs if "eval" in r]
         for column, _, _ in COLUMNS:
             vals = [e[column] for e in evals if e.get(column) is not None]
@@ -144,7 +144,7 @@ def write_compare(runs: list[dict], settings: dict[str, Any], out_dir: str | Pat
                                                for r in rs]) for k, rs in groups.items()},
                                    "step", "|I_R ∩ I_C| / K (mean over layers)", "Router–competition agreement")
     header, qrows = quality_rows(runs)
-    fmt_row = [[r["Model"], _pm(r["_ppl"])] + [r.get(c) for c in header[2:]] for r in qrows]
+    fmt_row = [[r["Model"], _pm(r["val_ppl_seeds"])] + [r.get(c) for c in header[2:]] for r in qrows]
     n_seeds = len(settings["seeds"])
     md = [f"# Router comparison ({settings['preset']} preset)\n",
           f"Routers: {', '.join(settings['routers'])}; seeds {settings['seeds']}; overrides: "

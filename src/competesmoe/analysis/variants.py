@@ -4,8 +4,8 @@ Syntax of one entry: `ROUTER` or `ROUTER:KEY=VALUE[+KEY=VALUE...]`, entries sepa
 
     smoe,xmoe,competesmoe,competesmoe:kappa=silu,competesmoe:alpha=0+omega=0.03
 
-KEY is any config key `apply_overrides` accepts (dotted path or unique leaf name). A `+` only splits
-where a new `KEY=` follows, so values such as `1e+3` stay whole; values may not contain commas.
+KEY is any config key `apply_overrides` accepts (dotted path or unique leaf name). Every `+` separates
+overrides except inside a number such as `1e+3`; values may not contain `+` otherwise, nor commas.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from ..config import ROUTERS, ConfigError
 
 _KEY = r"[A-Za-z_][A-Za-z0-9_.]*"
-_SPLIT_PLUS = re.compile(rf"\+(?={_KEY}=)")
+_SPLIT_PLUS = re.compile(r"(?<![0-9][eE])\+|(?<=[0-9][eE])\+(?![0-9])")  # not the + of 1e+3
 
 
 @dataclass(frozen=True)

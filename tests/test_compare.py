@@ -102,6 +102,8 @@ def test_compare_reports_skips_finished_runs_and_resumes(tmp_path, monkeypatch):
     run_compare("smoe,competesmoe:omega=0.5", [1], "tiny", base, out, analysis_tokens=64, log=logs.append)
     assert {p: p.stat().st_mtime_ns for p in summaries} == stamps
     assert sum("finished earlier" in line for line in logs) == 2
+    with pytest.raises(ConfigError, match="(?s)trained with other settings.*train.lr"):
+        run_compare("smoe", [1], "tiny", base + ["train.lr=1e-4"], out, analysis_tokens=0)
     monkeypatch.undo()
 
     # an interrupted run (no summary, last checkpoint missing) resumes from its checkpoint

@@ -77,11 +77,26 @@ def inference_tokens_per_s(trainer: Trainer) -> float:
     return count / max(time.perf_counter() - tic, 1e-9)
 
 
+def check_same_settings(cfg: RunConfig, out: Path) -> None:
+    """A finished run is only reused for the same settings (the tokenizer may have set vocab_size)."""
+    import yaml
+    from ..config import ConfigError
+    path = out / "config.yaml"
+    if not path.is_file():
+        return
+    saved, now = yaml.safe_load(path.read_text()), cfg.to_dict()
+    diffs = [f"{sec}.{k}: {saved.get(sec, {}).get(k)!r} there vs {v!r} now" for sec in ("model", "data", "train")
+             for k, v in now[sec].items() if saved.get(sec, {}).get(k) != v and k != "vocab_size"]
+    if diffs:
+        raise ConfigError(f"{out} was trained with other settings; use another --out:\n  " + "\n  ".join(diffs))
+
+
 def train_run(cfg: RunConfig, variant: Variant, seed: int, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train (or resume, or skip when finished) one run; returns its summary.json content."""
     out = Path(cfg.train.out_dir)
     done = out / "summary.json"
     if done.is_file():
+        check_same_settings(cfg, out)
         log(f"[{variant.label} seed {seed}] finished earlier: {done}")
         return json.loads(done.read_text())
     resume = bool(checkpoints(out / "checkpoints"))

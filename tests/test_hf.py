@@ -12,16 +12,17 @@ from competesmoe.model.transformer import ModelConfig, MoETransformer
 
 
 def train_tiny_run(base: Path) -> Path:
-    """A 4-step tiny run, trained once per session (shared by test_hf.py and test_eval_cli.py)."""
+    """A 2-step tiny run, trained once per session (shared by test_hf.py and test_eval_cli.py)."""
     run = base / "tiny_run"
     if (run / "checkpoints").is_dir():
         return run
     from competesmoe.train import run_preset
     from competesmoe.train.loop import Trainer
-    cfg = run_preset("tiny", {"train.steps": 4, "train.eval_every": 2, "train.eval_batches": 2,
-                              "train.ckpt_every": 4, "train.out_dir": str(run), "data.cache_dir": str(base / "cache"),
-                              "data.synthetic_train_chars": 200_000, "data.synthetic_valid_chars": 20_000,
-                              "data.vocab_size": 512})
+    cfg = run_preset("tiny", {"train.steps": 2, "train.eval_every": 2, "train.eval_batches": 1, "train.batch_size": 4,
+                              "train.ckpt_every": 2, "train.out_dir": str(run), "train.tensorboard": False,
+                              "data.cache_dir": str(base / "cache"), "data.synthetic_train_chars": 60_000,
+                              "data.synthetic_valid_chars": 12_000, "data.vocab_size": 512, "data.seq_len": 64,
+                              "model.max_seq_len": 64, "model.n_layers": 2})
     Trainer(cfg, log=lambda *_: None).train()
     return run
 

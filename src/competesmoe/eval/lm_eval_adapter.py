@@ -48,6 +48,8 @@ class CompeteSMoELM(LM):
         super().__init__()
         from ..train.loop import resolve_device
         from .cli import load_model
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            device = "cpu"  # lm_eval's CLI defaults to cuda; HFLM falls back the same way
         self._device = resolve_device(str(device or "auto"))
         model, tok, _, max_length, eos = load_model(pretrained, str(self._device))
         self.net = getattr(model, "model", model)  # the MoETransformer (inside the HF wrapper)

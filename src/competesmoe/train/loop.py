@@ -160,7 +160,8 @@ class Trainer:
             if self.step % t.eval_every == 0 or self.step == t.steps:
                 val = self.last_val = self.evaluate()
                 self.metrics.log(self.step, val)
-                bar.write(f"step {self.step}: val_loss {val['val_loss']:.4f}  val_ppl {val['val_ppl']:.2f}")
+                msg = f"step {self.step}: val_loss {val['val_loss']:.4f}  val_ppl {val['val_ppl']:.2f}"
+                bar.write(msg) if self.log is print else self.log(msg)
             if self.step % t.ckpt_every == 0 or self.step == t.steps:
                 self.save()
         bar.close()

@@ -120,6 +120,7 @@ def test_voronoi_loss_linear_by_hand():
     assert v.over_term == pytest.approx(0.3 * 0.1 ** 2 + 0.3 * (0.1 ** 2 + 0.1 ** 2 + 0.2 ** 2))  # squares
     assert v.loss == pytest.approx(0.2 + 0.08 + 0.021)
     assert v.over_error == pytest.approx(math.sqrt(0.021))
+    assert v.over_blocks == pytest.approx({"a": 0.3 * 0.01 + 0.3 * 0.01, "b": 0.3 * 0.01, "ν": 0.3 * 0.04})
     # The gate is unchanged by a common shift of the c_i, and so is the loss.
     shifted = Atoms(fit.logw + 3.0, fit.expert, fit.var)
     assert voronoi_loss("linear", shifted, truth).loss == pytest.approx(v.loss)
@@ -161,6 +162,18 @@ def test_softmax_cells_use_the_gate_slopes():
     truth = Atoms(_t([0.5, 0.5]).log(), _t([[1.0, 0.0], [1.0, 0.0]]), _t([0.1, 0.1]), _t([[2.0], [-2.0]]))
     fit = Atoms(_t([0.5, 0.5]).log(), _t([[1.0, 0.0], [1.0, 0.0]]), _t([0.1, 0.1]), _t([[-1.9], [1.9]]))
     assert voronoi_loss("linear", fit, truth).cells == [[1], [0]]
+
+
+def test_softmax_gate_block_by_hand():
+    # Truth β* = (1, -1) (canonical: weighted mean 0). Fit: β = (1.2, 0.8, -1) with weights
+    # (.25, .25, .5), also canonical; the gate slopes enter the "β" block, not the loss.
+    truth = Atoms(_t([0.5, 0.5]).log(), _t([[1.0, 0.0], [-1.0, 2.0]]), _t([0.1, 0.1]), _t([[1.0], [-1.0]]))
+    fit = Atoms(_t([0.25, 0.25, 0.5]).log(), _t([[1.0, 0.0], [1.0, 0.0], [-1.0, 2.0]]), _t([0.1, 0.1, 0.1]),
+                _t([[1.2], [0.8], [-1.0]]))
+    v = voronoi_loss("linear", fit, truth)
+    assert v.cells == [[0, 1], [2]] and v.loss == pytest.approx(0.0)
+    assert v.over_blocks["β"] == pytest.approx(0.25 * 0.2 ** 2 * 2)
+    assert v.over_block_error("β") == pytest.approx(math.sqrt(0.02))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -227,9 +240,14 @@ def test_fit_slope_recovers_a_power_law_and_drops_empty_groups():
 def test_theory_slopes():
     comp = TheoryConfig(gating="competition")
     assert theory_slope(comp, "over", 2)[0] == -0.25 and theory_slope(comp, "exact", 2)[0] == -0.5
+    assert theory_slope(comp, "over[b]", 3)[0] == -0.25 and theory_slope(comp, "loss", 2)[0] == -0.5
     soft = TheoryConfig(gating="softmax")
     assert theory_slope(soft, "over", 2)[0] == pytest.approx(-1 / 8)
     assert theory_slope(soft, "over", 3)[0] == pytest.approx(-1 / 12)
+    assert theory_slope(soft, "over[b]", 2)[0] == pytest.approx(-1 / 8)
+    assert theory_slope(soft, "over[a]", 2)[0] == pytest.approx(-1 / 4)
+    assert theory_slope(soft, "over[ν]", 3)[0] == pytest.approx(-1 / 6)
+    assert theory_slope(soft, "over", 4)[0] is None
     assert theory_slope(TheoryConfig(setting="ffn", gating="softmax"), "over", 2)[0] is None
 
 
@@ -294,8 +312,19 @@ def test_cli_end_to_end(tmp_path, capsys):
                    "--out", str(tmp_path), "--name", "t"])
     assert theory_cli.main(args) == 0
     result = json.loads((tmp_path / "t.json").read_text())
-    assert len(result["records"]) == 4 and set(result["slopes"]) == {"exact", "over", "loss"}
+    assert len(result["records"]) == 4
+    assert set(result["slopes"]) == {"exact", "over", "loss", "over[a]", "over[b]", "over[ν]"}
     assert result["slopes"]["over"]["theory"] == -0.25
     assert (tmp_path / "t.png").stat().st_size > 1000
     assert "| quantity | measured slope" in (tmp_path / "t.md").read_text()
     assert "wrote" in capsys.readouterr().out
+
+
+def test_plot_handles_a_geometric_mean_outside_the_quartiles(tmp_path):
+    from competesmoe.theory.report import plot
+    records = [{"seed": s, "n": n, "exact": e, "over": e, "loss": e}
+               for n in (100, 1000) for s, e in enumerate((1.0, 100.0, 100.0, 100.0))]
+    cfg = TheoryConfig().to_dict()
+    slopes = {m: {"slope": 0.0, "theory": -0.5} for m in ("exact", "over", "loss")}
+    plot({"config": cfg, "records": records, "slopes": slopes}, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000

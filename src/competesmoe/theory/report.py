@@ -8,8 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-from competesmoe.theory.study import METRICS
-
 
 def _fmt(v, digits=3) -> str:
     return "—" if v is None else f"{v:+.{digits}f}"
@@ -27,7 +25,7 @@ def markdown_table(result: dict) -> str:
     for m, s in result["slopes"].items():
         ci = "—" if s["ci"][0] is None else f"[{s['ci'][0]:+.3f}, {s['ci'][1]:+.3f}]"
         pts = f"{s['points']}" + (f" ({s['dropped']} empty)" if s["dropped"] else "")
-        lines.append(f"| {METRICS[m]} | {_fmt(s['slope'])} | {ci} | {_fmt(s['theory'])} | {s['theory_source']} | {pts} |")
+        lines.append(f"| {result['metrics'][m]} | {_fmt(s['slope'])} | {ci} | {_fmt(s['theory'])} | {s['theory_source']} | {pts} |")
     return "\n".join(lines) + "\n"
 
 
@@ -46,46 +44,56 @@ def geometric_means(result: dict, metric: str) -> tuple[list[int], list[float], 
 
 
 def plot(result: dict, path: str | Path) -> None:
+    """Left: the three main errors; right: the over-specified error split by parameter block."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cfg = result["config"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=100)
-    colors = {"exact": "tab:blue", "over": "tab:red", "loss": "tab:gray"}
-    for m, s in result["slopes"].items():
-        ns, gm, q1, q3 = geometric_means(result, m)
-        if not ns:
-            continue
-        c = colors[m]
-        label = f"{m}: slope {_fmt(s['slope'], 2)}"
-        ax.errorbar(ns, gm, yerr=[np.subtract(gm, q1), np.subtract(q3, gm)], fmt="o", color=c, ms=4,
-                    capsize=2, label=label)
-        n_arr = np.array(ns, dtype=float)
-        anchor = np.exp(np.mean(np.log(gm))), np.exp(np.mean(np.log(n_arr)))
-        if s["slope"] is not None:
-            ax.plot(n_arr, anchor[0] * (n_arr / anchor[1]) ** s["slope"], "-", color=c, lw=1)
-        if s["theory"] is not None:
-            ax.plot(n_arr, anchor[0] * (n_arr / anchor[1]) ** s["theory"], ":", color=c, lw=1.5,
-                    label=f"{m}: theory n^({s['theory']:+.3f})")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("sample size n")
-    ax.set_ylabel("error (geometric mean over seeds, IQR bars)")
-    ax.set_title(f"{cfg['setting']} experts, {cfg['gating']} gating, N*={cfg['n_true']}, N={cfg['n_experts']}",
-                 fontsize=10)
-    ax.legend(fontsize=7, loc="lower left")
-    ax.grid(True, which="both", alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), dpi=90)
+    main = [m for m in result["slopes"] if not m.startswith("over[")]
+    panels = [(axes[0], main), (axes[1], [m for m in result["slopes"] if m.startswith("over[")])]
+    for ax, metrics in panels:
+        for k, m in enumerate(metrics):
+            _plot_metric(ax, result, m, plt.get_cmap("tab10")(k))
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("sample size n")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower left")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("error (geometric mean over seeds, IQR bars)")
+    axes[0].set_title(f"{cfg['setting']} experts, {cfg['gating']} gating, N*={cfg['n_true']}, N={cfg['n_experts']}",
+                      fontsize=10)
+    axes[1].set_title("over-specified error by parameter block", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _plot_metric(ax, result: dict, m: str, color) -> None:
+    s = result["slopes"][m]
+    ns, gm, q1, q3 = geometric_means(result, m)
+    if not ns:
+        return
+    # The geometric mean can fall outside the quartiles: clip the bars at the marker.
+    yerr = [np.maximum(np.subtract(gm, q1), 0), np.maximum(np.subtract(q3, gm), 0)]
+    ax.errorbar(ns, gm, yerr=yerr, fmt="o", color=color, ms=4, capsize=2,
+                label=f"{m}: slope {_fmt(s['slope'], 2)}")
+    n_arr = np.array(ns, dtype=float)
+    y0, n0 = np.exp(np.mean(np.log(gm))), np.exp(np.mean(np.log(n_arr)))
+    if s["slope"] is not None:
+        ax.plot(n_arr, y0 * (n_arr / n0) ** s["slope"], "-", color=color, lw=1)
+    if s["theory"] is not None:
+        ax.plot(n_arr, y0 * (n_arr / n0) ** s["theory"], ":", color=color, lw=1.5,
+                label=f"{m}: theory {s['theory']:+.3f}")
 
 
 def write_outputs(result: dict, out_dir: str | Path, stem: str) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / f"{stem}.md", "json": out / f"{stem}.json", "png": out / f"{stem}.png"}
+    paths["json"].write_text(json.dumps(result, indent=1))   # first: the raw results are never lost
     paths["md"].write_text(markdown_table(result))
-    paths["json"].write_text(json.dumps(result, indent=1))
     plot(result, paths["png"])
     return paths

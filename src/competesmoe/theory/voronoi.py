@@ -21,16 +21,16 @@ def voronoi_cells(theta_ND: torch.Tensor, theta_true_MD: torch.Tensor) -> list[l
     return [[i for i, j in enumerate(nearest) if j == jj] for jj in range(theta_true_MD.shape[0])]
 
 
-def param_blocks(setting: str, n_expert_params: int) -> list[slice]:
-    """Slices of the (W, ν) vector that the loss measures separately.
+def param_blocks(setting: str, n_expert_params: int) -> dict[str, slice]:
+    """Named slices of the (W, ν) vector that the loss measures separately.
 
     ffn, Eq. (9): ‖ΔW‖ + |Δν|;   linear, Eq. (17): ‖Δa‖ + |Δb| + |Δν|.
     """
     p = n_expert_params
     if setting == "ffn":
-        return [slice(0, p), slice(p, p + 1)]
+        return {"W": slice(0, p), "ν": slice(p, p + 1)}
     if setting == "linear":
-        return [slice(0, p - 1), slice(p - 1, p), slice(p, p + 1)]
+        return {"a": slice(0, p - 1), "b": slice(p - 1, p), "ν": slice(p, p + 1)}
     raise ValueError(f"unknown setting {setting!r}")
 
 
@@ -40,6 +40,7 @@ class VoronoiLoss:
     weight_term: float   # Σ_j |Σ_{i∈C_j} exp(c_i) − exp(c*_j)|
     exact_term: float    # Σ_{|C_j|=1} Σ_{i∈C_j} exp(c_i) Σ_blocks ‖Δ‖
     over_term: float     # Σ_{|C_j|>1} Σ_{i∈C_j} exp(c_i) Σ_blocks ‖Δ‖²
+    over_blocks: dict[str, float]  # the same, one parameter block at a time (gate slopes "β" too)
 
     @property
     def loss(self) -> float:
@@ -59,6 +60,10 @@ class VoronoiLoss:
         """√(over-specified term): the over-specified experts' distance; ~ n^(-1/4) with competition."""
         return math.sqrt(self.over_term) if any(s > 1 for s in self.sizes) else math.nan
 
+    def over_block_error(self, name: str) -> float:
+        """√(Σ_{|C_j|>1} Σ_{i∈C_j} exp(c_i) ‖Δ_block‖²): one block's over-specified distance."""
+        return math.sqrt(self.over_blocks[name]) if any(s > 1 for s in self.sizes) else math.nan
+
 
 def voronoi_loss(setting: str, fit: Atoms, truth: Atoms) -> VoronoiLoss:
     """Eq. (9) (ffn) or Eq. (17) (linear) between a fitted and the true mixing measure.
@@ -74,13 +79,17 @@ def voronoi_loss(setting: str, fit: Atoms, truth: Atoms) -> VoronoiLoss:
     blocks = param_blocks(setting, fit.expert.shape[1])
     w, w_true = fit.logw.exp(), truth.logw.exp()
     weight_term = exact_term = over_term = 0.0
+    over_blocks = dict.fromkeys(list(blocks) + (["β"] if fit.gate is not None else []), 0.0)
     for j, cell in enumerate(cells):
         weight_term += abs(float(w[cell].sum()) - float(w_true[j]))
-        power = 1 if len(cell) == 1 else 2   # Eq. (9): first powers for |C_j| = 1, squares for > 1
         for i in cell:
-            dist = sum(float(torch.linalg.vector_norm(wv[i, b] - wv_true[j, b])) ** power for b in blocks)
-            if power == 1:
-                exact_term += float(w[i]) * dist
-            else:
-                over_term += float(w[i]) * dist
-    return VoronoiLoss(cells, weight_term, exact_term, over_term)
+            dist = {k: float(torch.linalg.vector_norm(wv[i, b] - wv_true[j, b])) for k, b in blocks.items()}
+            if len(cell) == 1:   # Eq. (9)/(17): first powers for |C_j| = 1 ...
+                exact_term += float(w[i]) * sum(dist.values())
+                continue
+            over_term += float(w[i]) * sum(d ** 2 for d in dist.values())   # ... squares for |C_j| > 1
+            for k, d in dist.items():
+                over_blocks[k] += float(w[i]) * d ** 2
+            if fit.gate is not None:
+                over_blocks["β"] += float(w[i]) * float(torch.linalg.vector_norm(fit.gate[i] - truth.gate[j])) ** 2
+    return VoronoiLoss(cells, weight_term, exact_term, over_term, over_blocks)

@@ -185,7 +185,8 @@ def memory_ratio(shape, dtype_name, device, tokens) -> dict:
         compete = memory_probe(shape, dtype_name, device, tokens, True)
     else:  # a fresh process each, so that peak RSS belongs to that step alone
         def child(c):
-            out = subprocess.run([sys.executable, __file__, "--_memprobe", shape, dtype_name, str(tokens), str(int(c))],
+            out = subprocess.run([sys.executable, __file__, "--_memprobe", shape, dtype_name, str(tokens), str(int(c)),
+                                  "--threads", str(torch.get_num_threads())],
                                  check=True, capture_output=True, text=True)
             return float(out.stdout.strip().splitlines()[-1])
         normal, compete = child(False), child(True)
@@ -228,6 +229,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--hf", default="eager,batched_mm,grouped_mm", help="transformers experts implementations")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--out", help="write the Markdown report here (and the raw numbers next to it as .json)")
     p.add_argument("--_memprobe", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -235,6 +237,8 @@ def main() -> None:
         shape, dt, tokens, compete = args._memprobe
         print(memory_probe(shape, dt, "cpu", int(tokens), bool(int(compete))))
         return
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     hf_impls = [i for i in args.hf.split(",") if i]
     results = []

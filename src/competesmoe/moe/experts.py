@@ -108,15 +108,16 @@ class Experts(nn.Module):
         return out_MD.index_select(0, order_M.argsort()).view(T, K, -1)
 
     def _loop(self, x_MD, w1, w2, b1, b2, counts: list[int]) -> torch.Tensor:
-        outs, start = [], 0
-        for e, n in enumerate(counts):
-            if n == 0:
+        # split (not slicing): its backward concatenates the chunks' gradients instead of
+        # materialising a full-size zero gradient per expert.
+        outs = []
+        for e, x_nD in enumerate(x_MD.split(counts)):
+            if x_nD.shape[0] == 0:
                 continue
-            h = x_MD[start:start + n] @ w1[e]
+            h = x_nD @ w1[e]
             h = h if b1 is None else h + b1[e]
             out = self._act(h) @ w2[e]
             outs.append(out if b2 is None else out + b2[e])
-            start += n
         return torch.cat(outs) if outs else x_MD.new_zeros(0, self.d_model)
 
     def _use_grouped_mm(self, x_MD, w1, w2) -> bool:

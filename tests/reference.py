@@ -129,7 +129,7 @@ def distill_reference(logits_TN, target_TN, winners, alpha: float, k: int) -> fl
     total = 0.0
     T, N = logits_TN.shape
     for t in range(T):
-        p = softmax(logits_TN[t].double())
+        p = softmax(logits_TN[t].detach().double())
         mse = sum(float(p[i] - target_TN[t, i]) ** 2 for i in range(N)) / N
         reg = sum(float(target_TN[t, j] - p[j]) ** 2 for j in winners[t])
         total += mse + alpha / k * reg

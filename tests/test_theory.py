@@ -121,6 +121,7 @@ def test_voronoi_loss_linear_by_hand():
     assert v.loss == pytest.approx(0.2 + 0.08 + 0.021)
     assert v.over_error == pytest.approx(math.sqrt(0.021))
     assert v.over_blocks == pytest.approx({"a": 0.3 * 0.01 + 0.3 * 0.01, "b": 0.3 * 0.01, "ν": 0.3 * 0.04})
+    assert v.over_min_share == pytest.approx(0.5)
     # The gate is unchanged by a common shift of the c_i, and so is the loss.
     shifted = Atoms(fit.logw + 3.0, fit.expert, fit.var)
     assert voronoi_loss("linear", shifted, truth).loss == pytest.approx(v.loss)
@@ -145,6 +146,8 @@ def test_empty_cell_counts_its_true_weight():
     assert v.cells == [[0, 1], []]
     assert v.weight_term == pytest.approx(0.5 + 0.5)
     assert math.isnan(v.exact_error) and v.over_error == pytest.approx(0.0)
+    fit3 = Atoms(_t([0.1, 0.3, 0.6]).log(), _t([[1.0, 0.0], [1.0, 0.1], [-1.0, 2.0]]), _t([1.0, 1.0, 0.5]))
+    assert voronoi_loss("linear", fit3, truth).over_min_share == pytest.approx(0.25)
 
 
 def test_voronoi_cells_match_naive_distances():
@@ -174,6 +177,7 @@ def test_softmax_gate_block_by_hand():
     assert v.cells == [[0, 1], [2]] and v.loss == pytest.approx(0.0)
     assert v.over_blocks["β"] == pytest.approx(0.25 * 0.2 ** 2 * 2)
     assert v.over_block_error("β") == pytest.approx(math.sqrt(0.02))
+    assert v.over_min_share == pytest.approx(0.5)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -308,15 +312,20 @@ def test_log_grid():
 
 
 def test_cli_end_to_end(tmp_path, capsys):
-    args = _parse(["--sizes", "200,400", "--seeds", "2", "--restarts", "1", "--bootstrap", "100",
-                   "--out", str(tmp_path), "--name", "t"])
+    args = _parse(["--gating", "softmax", "--sizes", "200,400", "--seeds", "2", "--restarts", "1",
+                   "--bootstrap", "100", "--out", str(tmp_path), "--name", "t"])
     assert theory_cli.main(args) == 0
     result = json.loads((tmp_path / "t.json").read_text())
     assert len(result["records"]) == 4
-    assert set(result["slopes"]) == {"exact", "over", "loss", "over[a]", "over[b]", "over[ν]"}
-    assert result["slopes"]["over"]["theory"] == -0.25
+    assert set(result["slopes"]) == {"exact", "over", "loss", "over[a]", "over[b]", "over[ν]", "over[β]"}
+    assert result["slopes"]["over"]["theory"] in (pytest.approx(-1 / 8), pytest.approx(-1 / 12))
     assert (tmp_path / "t.png").stat().st_size > 1000
-    assert "| quantity | measured slope" in (tmp_path / "t.md").read_text()
+    table = (tmp_path / "t.md").read_text()
+    assert "| quantity | measured slope" in table
+    rows = [line for line in table.splitlines() if line.startswith("|")]
+    assert len(rows) == 2 + 7 and all(line.replace("\\|", "").count("|") == 7 for line in rows)
+    assert len(result["records"][0]["fit"]["weights"]) == 3
+    assert "Smallest atom's share" in table
     assert "wrote" in capsys.readouterr().out
 
 

@@ -13,6 +13,10 @@ def _fmt(v, digits=3) -> str:
     return "—" if v is None else f"{v:+.{digits}f}"
 
 
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|")   # a bare | would split a Markdown table cell
+
+
 def markdown_table(result: dict) -> str:
     cfg = result["config"]
     head = (f"**{cfg['setting']} experts, {cfg['gating']} gating**, N* = {cfg['n_true']}, N = {cfg['n_experts']}, "
@@ -25,8 +29,24 @@ def markdown_table(result: dict) -> str:
     for m, s in result["slopes"].items():
         ci = "—" if s["ci"][0] is None else f"[{s['ci'][0]:+.3f}, {s['ci'][1]:+.3f}]"
         pts = f"{s['points']}" + (f" ({s['dropped']} empty)" if s["dropped"] else "")
-        lines.append(f"| {result['metrics'][m]} | {_fmt(s['slope'])} | {ci} | {_fmt(s['theory'])} | {s['theory_source']} | {pts} |")
+        lines.append(f"| {_cell(result['metrics'][m])} | {_fmt(s['slope'])} | {ci} | {_fmt(s['theory'])} "
+                     f"| {_cell(s['theory_source'])} | {pts} |")
+    ns, share = median_by_n(result, "over_min_share")
+    if ns:
+        lines += ["", "Smallest atom's share of the weight of its over-specified cell (median over seeds; near 0: "
+                  "the extra atoms are parked with vanishing weight rather than split around the true one): "
+                  + ", ".join(f"n={n}: {v:.3f}" for n, v in zip(ns, share))]
     return "\n".join(lines) + "\n"
+
+
+def median_by_n(result: dict, key: str) -> tuple[list[int], list[float]]:
+    by_n = collections.defaultdict(list)
+    for r in result["records"]:
+        v = r.get(key)
+        if v is not None and math.isfinite(v):
+            by_n[r["n"]].append(v)
+    ns = sorted(by_n)
+    return ns, [float(np.median(by_n[n])) for n in ns]
 
 
 def geometric_means(result: dict, metric: str) -> tuple[list[int], list[float], list[float], list[float]]:

@@ -79,8 +79,10 @@ def run_study(cfg: TheoryConfig, log: Callable[[str], None] = print) -> dict:
                 "seed": seed, "n": n, "nll": fit.nll, "loss": v.loss, "weight_term": v.weight_term,
                 "exact": v.exact_error, "over": v.over_error,
                 **{f"over[{b}]": v.over_block_error(b) for b in v.over_blocks}, "cell_sizes": v.sizes,
+                "over_min_share": v.over_min_share,
                 "start_cells": list(fit.structure), "restart": fit.restart, "iterations": fit.iterations, "grad_max": fit.grad_max,
                 "restart_nlls": fit.nlls, "seconds": time.time() - t0,
+                "fit": _atoms_dict(fit.atoms.canonical()),
             })
         log(f"seed {seed}: {len(sizes)} sample sizes in {time.time() - t_seed:.1f}s")
     max_cells = collections.Counter(max(r["cell_sizes"]) for r in records)

@@ -41,6 +41,7 @@ class VoronoiLoss:
     exact_term: float    # Σ_{|C_j|=1} Σ_{i∈C_j} exp(c_i) Σ_blocks ‖Δ‖
     over_term: float     # Σ_{|C_j|>1} Σ_{i∈C_j} exp(c_i) Σ_blocks ‖Δ‖²
     over_blocks: dict[str, float]  # the same, one parameter block at a time (gate slopes "β" too)
+    over_min_share: float = math.nan  # smallest atom weight / its cell's weight, over cells of 2+ atoms
 
     @property
     def loss(self) -> float:
@@ -80,6 +81,7 @@ def voronoi_loss(setting: str, fit: Atoms, truth: Atoms) -> VoronoiLoss:
     w, w_true = fit.logw.exp(), truth.logw.exp()
     weight_term = exact_term = over_term = 0.0
     over_blocks = dict.fromkeys(list(blocks) + (["β"] if fit.gate is not None else []), 0.0)
+    shares = [float(w[cell].min() / w[cell].sum()) for cell in cells if len(cell) > 1]
     for j, cell in enumerate(cells):
         weight_term += abs(float(w[cell].sum()) - float(w_true[j]))
         for i in cell:
@@ -92,4 +94,4 @@ def voronoi_loss(setting: str, fit: Atoms, truth: Atoms) -> VoronoiLoss:
                 over_blocks[k] += float(w[i]) * d ** 2
             if fit.gate is not None:
                 over_blocks["β"] += float(w[i]) * float(torch.linalg.vector_norm(fit.gate[i] - truth.gate[j])) ** 2
-    return VoronoiLoss(cells, weight_term, exact_term, over_term, over_blocks)
+    return VoronoiLoss(cells, weight_term, exact_term, over_term, over_blocks, min(shares, default=math.nan))

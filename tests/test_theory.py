@@ -11,6 +11,7 @@ import torch
 
 from competesmoe.config import ConfigError
 from competesmoe.theory import cli as theory_cli
+from competesmoe.theory import fit as fit_fns
 from competesmoe.theory.config import TheoryConfig
 from competesmoe.theory.fit import compositions, fit_mle
 from competesmoe.theory.model import Atoms, expert_mean, log_density, sample_x, sample_y
@@ -210,6 +211,22 @@ def test_mle_recovers_a_well_separated_truth(setting, gating, n):
     assert (est.var[order] - truth.var).abs().max() < 0.02
 
 
+def test_fit_stays_in_the_compact_box_and_starts_where_asked():
+    truth = default_truth("linear", "softmax", 2)
+    g = torch.Generator().manual_seed(10)
+    x = sample_x(300, 1, g)
+    y = sample_y("linear", "softmax", truth, x, g)
+    start = Atoms(_t([0.0, 0.1, -0.2]), _t([[2.0, 0.5], [1.5, 0.4], [-4.5, -0.5]]), _t([0.1, 0.2, 4.0]),
+                  _t([[1.0], [0.9], [-1.2]]))
+    same, _, iters, _ = fit_fns._lbfgs("linear", "softmax", start, x, y, 1e-3, 5.0, 0, 1e-6)   # no step
+    assert iters == 0
+    for a, b in ((same.expert, start.expert), (same.var, start.var), (same.gate, start.gate)):
+        torch.testing.assert_close(a, b)
+    fit = fit_mle("linear", "softmax", x, y, 3, truth, restarts=1, init="random", bound=5.0, seed=2)
+    assert fit.atoms.expert.abs().max() < 5.0 and fit.atoms.gate.abs().max() < 5.0
+    assert 1e-3 < fit.atoms.var.min() and fit.atoms.var.max() < 5.0
+
+
 def test_mle_init_from_random_also_works_with_restarts():
     truth = default_truth("linear", "competition", 2)
     g = torch.Generator().manual_seed(9)
@@ -269,6 +286,7 @@ def test_theory_slopes():
     ({"init_cells": [1, 1]}, "must be 2 positive counts summing to n_experts=3"),
     ({"var_min": 0.2}, "var_min must be in (0, 0.05)"),
     ({"restarts": 0}, "restarts must be an integer >= 1"),
+    ({"param_bound": 3.0}, "param_bound must be > 4"),
 ])
 def test_config_rejects_bad_values(changes, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -282,6 +300,8 @@ def test_fit_and_truth_reject_bad_arguments():
         fit_mle("linear", "competition", x, y, 1, truth)
     with pytest.raises(ValueError, match="init_cells"):
         fit_mle("linear", "competition", x, y, 3, truth, init_cells=(3, 0))
+    with pytest.raises(ValueError, match="the truth must lie inside"):
+        fit_mle("linear", "competition", x, y, 3, truth, bound=1.0)
     with pytest.raises(ValueError, match="n_true must be in"):
         default_truth("linear", "competition", 0)
     with pytest.raises(ValueError, match="unknown setting"):

@@ -54,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init-cells", type=_int_list, default=None,
                         help="atoms per true expert at the start, e.g. 3,1 (default: every split in turn)")
     parser.add_argument("--var-min", type=float, default=d.var_min, help="lower bound on the fitted variances")
+    parser.add_argument("--param-bound", type=float, default=d.param_bound,
+                        help="compact Θ: |expert and gate parameters| and ν below this")
     parser.add_argument("--max-iter", type=int, default=d.max_iter, help="L-BFGS iterations per restart")
     parser.add_argument("--tol", type=float, default=d.tol, help="L-BFGS gradient tolerance")
     parser.add_argument("--bootstrap", type=int, default=d.bootstrap, help="bootstrap resamples for the CIs")
@@ -75,8 +77,8 @@ def config_from_args(args: argparse.Namespace) -> TheoryConfig:
     return TheoryConfig(setting=args.setting, gating=args.gating, n_true=args.n_true, n_experts=args.n_experts,
                         dim=args.dim, sizes=sizes, seeds=args.seeds, seed=args.seed, restarts=args.restarts,
                         init=args.init, init_noise=args.init_noise, init_cells=args.init_cells,
-                        var_min=args.var_min, max_iter=args.max_iter, tol=args.tol, bootstrap=args.bootstrap,
-                        threads=args.threads)
+                        var_min=args.var_min, param_bound=args.param_bound, max_iter=args.max_iter, tol=args.tol,
+                        bootstrap=args.bootstrap, threads=args.threads)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -25,7 +25,8 @@ class TheoryConfig(Config):
     init: str = "truth"              # "truth": perturbed copies of G*; "random"
     init_noise: float = 0.3          # scale of the perturbation of the "truth" starts
     init_cells: list[int] | None = None  # atoms per true expert at the start (None: all splits)
-    var_min: float = 1e-3            # ν >= var_min: the compact parameter space Θ
+    var_min: float = 1e-3            # ν >= var_min ...
+    param_bound: float = 10.0        # ... and |W|, |β|, ν <= param_bound: the compact parameter space Θ
     max_iter: int = 500              # L-BFGS iterations per restart
     tol: float = 1e-6                # L-BFGS gradient tolerance (on the mean NLL)
     bootstrap: int = 2000            # bootstrap resamples of the seeds for the slopes' CIs
@@ -51,5 +52,6 @@ class TheoryConfig(Config):
                   f"init_cells={self.init_cells} must be {self.n_true} positive counts summing to n_experts={self.n_experts}")
             check(self.init == "truth", "init_cells only applies to init='truth'")
         check(0 < self.var_min < 0.05, f"var_min must be in (0, 0.05) (below the true variances), got {self.var_min}")
+        check(self.param_bound > 4.0, f"param_bound must be > 4 (the built-in truths reach 4), got {self.param_bound}")
         check(self.tol > 0, f"tol must be > 0, got {self.tol}")
         check(self.bootstrap >= 100, f"bootstrap must be >= 100, got {self.bootstrap}")

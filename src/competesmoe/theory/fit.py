@@ -63,21 +63,32 @@ CHUNK = 50          # L-BFGS iterations between progress checks
 STALL = 1e-9        # stop when a chunk improves the mean NLL by less than this (<< log(n)/n)
 
 
-def _lbfgs(setting: str, gating: str, start: Atoms, x_nd, y_n, var_min: float, max_iter: int,
+def _to_box(u: torch.Tensor, bound: float) -> torch.Tensor:
+    return bound * torch.tanh(u / bound)         # R -> (-bound, bound), ≈ identity well inside
+
+
+def _from_box(v: torch.Tensor, bound: float) -> torch.Tensor:
+    return bound * torch.atanh(torch.clamp(v / bound, -1 + 1e-9, 1 - 1e-9))
+
+
+def _lbfgs(setting: str, gating: str, start: Atoms, x_nd, y_n, var_min: float, bound: float, max_iter: int,
            tol: float) -> tuple[Atoms, float, int, float]:
-    """Minimise the mean negative log-likelihood from `start`; ν = var_min + exp(s) keeps ν in Θ.
+    """Minimise the mean negative log-likelihood from `start` over the compact Θ of Section 3:
+    expert and gate entries in (-bound, bound), ν in (var_min, bound), by smooth reparametrisation.
+    Without the box, an atom of vanishing weight can wander off to infinity (seen with FFN experts).
 
     Stops at |gradient| <= tol, after `max_iter` iterations, or when CHUNK iterations gain less
     than STALL: over-specified fits sit in very flat valleys where L-BFGS can crawl for long.
     """
     logw = start.logw.clone().requires_grad_(True)
-    expert = start.expert.clone().requires_grad_(True)
-    s = torch.log(torch.clamp(start.var - var_min, min=1e-12)).requires_grad_(True)
-    gate = start.gate.clone().requires_grad_(True) if start.gate is not None else None
+    expert = _from_box(start.expert, bound).requires_grad_(True)
+    s = torch.logit(torch.clamp((start.var - var_min) / (bound - var_min), 1e-12, 1 - 1e-12)).requires_grad_(True)
+    gate = _from_box(start.gate, bound).requires_grad_(True) if start.gate is not None else None
     params = [t for t in (logw, expert, s, gate) if t is not None]
 
     def atoms() -> Atoms:
-        return Atoms(logw, expert, var_min + s.exp(), gate)
+        return Atoms(logw, _to_box(expert, bound), var_min + (bound - var_min) * torch.sigmoid(s),
+                     None if gate is None else _to_box(gate, bound))
 
     opt = torch.optim.LBFGS(params, lr=1.0, max_iter=CHUNK, max_eval=2 * CHUNK, history_size=50,
                             tolerance_grad=tol, tolerance_change=1e-12, line_search_fn="strong_wolfe")
@@ -104,8 +115,8 @@ def _lbfgs(setting: str, gating: str, start: Atoms, x_nd, y_n, var_min: float, m
 
 def fit_mle(setting: str, gating: str, x_nd: torch.Tensor, y_n: torch.Tensor, n_experts: int, truth: Atoms, *,
             restarts: int = 4, init: str = "truth", init_noise: float = 0.3,
-            init_cells: tuple[int, ...] | None = None, var_min: float = 1e-3, max_iter: int = 500,
-            tol: float = 1e-6, seed: int = 0) -> FitResult:
+            init_cells: tuple[int, ...] | None = None, var_min: float = 1e-3, bound: float = 10.0,
+            max_iter: int = 500, tol: float = 1e-6, seed: int = 0) -> FitResult:
     """Ĝ_n of Eq. (7): the best of `restarts` L-BFGS runs (by likelihood).
 
     The stopping rules (see `_lbfgs`) leave the mean NLL far closer to its optimum than log(n)/n, so the result is an approximate MLE in the sense
@@ -118,6 +129,8 @@ def fit_mle(setting: str, gating: str, x_nd: torch.Tensor, y_n: torch.Tensor, n_
     n_true = truth.n_atoms
     if n_experts < n_true:
         raise ValueError(f"n_experts={n_experts} < n_true={n_true}: the model must have N >= N* experts")
+    if not (truth.expert.abs().max() < bound and truth.var.max() < bound and var_min < truth.var.min()):
+        raise ValueError(f"the truth must lie inside Θ: var_min={var_min} < ν* and |W*|, ν* < bound={bound}")
     if restarts < 1:
         raise ValueError(f"restarts must be >= 1, got {restarts}")
     if init_cells is not None and (len(init_cells) != n_true or sum(init_cells) != n_experts
@@ -129,7 +142,7 @@ def fit_mle(setting: str, gating: str, x_nd: torch.Tensor, y_n: torch.Tensor, n_
     for r in range(restarts):
         structure = structures[r % len(structures)]
         start = init_atoms(truth, n_experts, structure, init, init_noise, y_n, gen)
-        atoms, nll, iters, grad_max = _lbfgs(setting, gating, start, x_nd, y_n, var_min, max_iter, tol)
+        atoms, nll, iters, grad_max = _lbfgs(setting, gating, start, x_nd, y_n, var_min, bound, max_iter, tol)
         nll = nll if math.isfinite(nll) else math.nan
         nlls.append(nll)
         if not math.isnan(nll) and (best is None or nll < best.nll):

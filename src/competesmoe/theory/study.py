@@ -72,7 +72,7 @@ def run_study(cfg: TheoryConfig, log: Callable[[str], None] = print) -> dict:
             fit = fit_mle(cfg.setting, cfg.gating, x_nd[:n], y_n[:n], cfg.n_experts, truth,
                           restarts=cfg.restarts, init=cfg.init, init_noise=cfg.init_noise,
                           init_cells=tuple(cfg.init_cells) if cfg.init_cells else None,
-                          var_min=cfg.var_min, max_iter=cfg.max_iter, tol=cfg.tol,
+                          var_min=cfg.var_min, bound=cfg.param_bound, max_iter=cfg.max_iter, tol=cfg.tol,
                           seed=1_000_003 * seed + n)
             v = voronoi_loss(cfg.setting, fit.atoms, truth)
             records.append({

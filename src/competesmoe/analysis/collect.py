@@ -76,20 +76,12 @@ def collect(model: nn.Module, seqs_BS1: torch.Tensor, batch_size: int = 16, winn
         return fn
 
     handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
-    was_training = model.training
-    model.eval()
-    total, count, tic = 0.0, 0, time.perf_counter()
     try:
-        for seq in seqs_BS1.split(batch_size):
-            seq = seq.to(device)
-            out = model(seq[:, :-1], seq[:, 1:])
-            total += float(out.lm_loss) * seq[:, 1:].numel()
-            count += seq[:, 1:].numel()
+        loss, count, seconds = lm_loss(model, seqs_BS1, batch_size, device)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
-    return Routings(records, total / count, count, time.perf_counter() - tic)
+    return Routings(records, loss, count, seconds)
 
 
 @torch.no_grad()

@@ -20,13 +20,12 @@ import datetime
 import json
 import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+from common import timed
 
 from competesmoe import MoE, MoEConfig
 from competesmoe.config import LossConfig
@@ -36,24 +35,6 @@ SHAPES = {
     "coarse": dict(d_model=512, d_expert=1024, n_experts=8, top_k=2, activation="swiglu"),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: str, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def make_moe(shape: str, router: str, device: str, activation: str | None = None) -> MoE:

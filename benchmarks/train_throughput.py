@@ -18,6 +18,7 @@ import tempfile
 
 import torch
 
+from common import emit
 from competesmoe.train import Trainer, run_preset
 
 
@@ -56,7 +57,6 @@ def main() -> None:
             tr.train()
             rows = [json.loads(l) for l in open(f"{out}/metrics.jsonl") if '"tokens_per_s"' in l]
             speeds[router].append(statistics.median(r["tokens_per_s"] for r in rows[1:]))   # skip warm-up
-            comp = [r["competing_layers"] for r in rows]
             fwd, extra_flops = flops_per_token(cfg)
             expected_c = cfg.train.schedule.omega * cfg.model.n_layers if name == "competesmoe" else 0.0
             info[router] = {"implied_overhead": expected_c * extra_flops / (3 * fwd),
@@ -74,10 +74,7 @@ def main() -> None:
     for r, v in speeds.items():
         lines.append(f"| {r} | {med[r]:.0f} | {', '.join(f'{x:.0f}' for x in v)} | {med[base] / med[r] - 1:+.1%} "
                      f"| {info[r]['implied_overhead']:+.1%} (E[competing layers] = {info[r]['expected_competing_layers']:.2f}) |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        open(args.out, "w").write(text)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -145,7 +145,8 @@ def diversity_reference(out_TKD) -> float:
             for j in range(K):
                 if i != j:
                     a, b = out_TKD[t, i].double(), out_TKD[t, j].double()
-                    s += float(a @ b / (a.norm() * b.norm()))
+                    if a.norm() > 0 and b.norm() > 0:  # a zero output has no direction: similarity 0
+                        s += float(a @ b / (a.norm() * b.norm()))
         total += s / (K * (K - 1))
     return total / T
 

@@ -372,6 +372,9 @@ def test_report_table_and_json(tmp_path):
     md = paths["markdown"].read_text()
     assert "| Model | PPL | LAMBADA | BLiMP | PIQA | ARC-E | ARC-C | HellaSwag | Avg. |" in md
     assert md.count("| CompeteSMoE |") == 3  # summary row + 2 detail rows
+    piqa_row = next(line for line in md.splitlines() if line.startswith("| CompeteSMoE | piqa |"))
+    items_per_s = b["tasks"]["piqa"]["n"] / b["settings"]["seconds"]["piqa"]
+    assert piqa_row.endswith(f"| {items_per_s:.1f} |")
     assert "`acc_norm`" in results_markdown(a, mc_metric="acc_norm")
     scorer = Scorer(StubLM(max_length=24, seed=0), ByteTokenizer(), progress=False)
     a["tasks"]["gutenberg"] = perplexity(scorer, ["Some held-out text.", "More of it."])  # a caller-added PPL

@@ -202,6 +202,9 @@ def test_distillation_and_diversity_match_reference():
     out = torch.randn(T, K, D)
     assert comp.diversity_loss(out).item() == pytest.approx(ref.diversity_reference(out), rel=1e-5)
     assert comp.diversity_loss(out[:, :1]).item() == 0.0
+    assert torch.autograd.gradcheck(comp.diversity_loss, out.double().requires_grad_())
+    out[2, 1] = 0.0  # an expert output of exactly zero (not differentiable there: no gradcheck)
+    assert comp.diversity_loss(out).item() == pytest.approx(ref.diversity_reference(out), rel=1e-5)
 
 
 @pytest.mark.parametrize("distill", ["paper", "reference"])
@@ -340,7 +343,7 @@ def test_balance_losses_match_reference():
 
 
 def test_switch_loss_is_one_at_perfect_balance_counting_all_k():
-    N, K = 4, 2
+    N = 4
     logits = torch.zeros(8, N)                   # uniform router probabilities
     idx = torch.tensor([[0, 1], [2, 3]] * 4)     # every expert gets 1/N of the assignments
     assert switch_loss(logits, idx).item() == pytest.approx(1.0)

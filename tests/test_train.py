@@ -16,6 +16,7 @@ from competesmoe.config import ROUTERS, ConfigError
 from competesmoe.train import Trainer, TrainingError, load_trained, run_preset
 from competesmoe.train import checkpoint as ckpt
 from competesmoe.train.loop import lr_at
+from competesmoe.train.metrics import val_points
 
 from conftest import SHARED_DATA
 
@@ -65,6 +66,9 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     res = subprocess.run(cli(tmp_path, "killed", *common) + ["--resume"], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "resumed from" in res.stdout + res.stderr
+    assert "final validation perplexity" in res.stdout and (tmp_path / "killed" / "val_ppl.png").stat().st_size > 0
+    # one curve point per validation step, although the resumed run logged some steps twice
+    assert [x for x, _ in val_points(tmp_path / "killed", 8 * 64)] == [8 * 512, 16 * 512]
     a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "killed")
     assert a.keys() == b.keys()
     for k in a:
@@ -207,11 +211,15 @@ def test_bf16_autocast_trains(tmp_path):
 
 
 @pytest.mark.shared_data
-def test_gutenberg_slice_lowers_validation_loss(tmp_path):
+@pytest.mark.parametrize("router", ROUTERS)
+def test_every_router_lowers_validation_loss_on_gutenberg_slice(tmp_path_factory, router):
     g = SHARED_DATA / "corpus" / "gutenberg"
+    cache = tmp_path_factory.getbasetemp() / "gutenberg-cache"  # one BPE + token cache for all routers
+    tmp_path = tmp_path_factory.mktemp(router)
     cfg = small_cfg(tmp_path, "gutenberg", f"data.train={g / 'train.jsonl.gz'}", f"data.valid={g / 'valid.jsonl.gz'}",
-                    "data.max_train_chars=400000", "data.tokenizer_train_chars=400000", "router=competesmoe",
-                    "omega=0.2", "train.steps=40", "train.eval_every=40", "train.lr=5e-3")
+                    "data.max_train_chars=400000", "data.tokenizer_train_chars=400000", f"router={router}",
+                    "omega=0.2", "train.steps=40", "train.eval_every=40", "train.lr=5e-3", f"data.cache_dir={cache}")
     tr = Trainer(cfg)
     before = tr.evaluate()["val_loss"]
-    assert tr.train()["val_loss"] < before - 0.5
+    after = tr.train()["val_loss"]
+    assert after < before - 0.5, (before, after)

@@ -7,7 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..train.metrics import read_metrics
+from ..train.metrics import read_metrics, val_points
 from .report import table
 
 
@@ -75,13 +75,16 @@ def quality_rows(runs: list[dict]) -> tuple[list[str], list[dict[str, Any]]]:
 
 
 def _train_tokens_per_s(run: dict) -> float | None:
-    """Mean of the logged training throughput; without log rows, tokens / wall-clock (evals included)."""
+    """Median of the logged training throughput (it ignores the few logging intervals that also hold a
+    validation or a checkpoint); without log rows, tokens / wall-clock (evals included)."""
     try:
-        logged = _mean([r["tokens_per_s"] for r in read_metrics(run["dir"]) if r.get("tokens_per_s")])
+        logged = [r["tokens_per_s"] for r in read_metrics(run["dir"]) if r.get("tokens_per_s")]
     except OSError:
-        logged = None
+        logged = []
+    if logged:
+        return statistics.median(logged)
     s = run["summary"]
-    return logged if logged is not None else s["train_tokens"] / max(s.get("train_seconds") or 0, 1e-9)
+    return s["train_tokens"] / max(s.get("train_seconds") or 0, 1e-9)
 
 
 def complexity_rows(runs: list[dict]) -> list[list[Any]]:
@@ -105,6 +108,8 @@ def routing_rows(runs: list[dict]) -> list[list[Any]]:
                      _mean([x["ecr"][-1]["ecr"] if x["ecr"] else None for x in a]),
                      _mean([x["agreement"][-1]["agreement"] for x in a]),
                      _mean([x["agreement"][-1]["top1_agreement"] for x in a]),
+                     _mean([_mean([e["selection"] for e in x["final"]["entropy"]]) for x in a]),
+                     _mean([_mean([e["router_softmax"] for e in x["final"]["entropy"]]) for x in a]),
                      _mean([s.get("ppl") for s in shift]), _mean([s.get("shifted_ppl") for s in shift])])
     return rows
 
@@ -119,12 +124,8 @@ def _curve(points: list[list[tuple[float, float]]]) -> tuple[list[float], list[f
     return xs, [sum(acc[x]) / len(acc[x]) for x in xs]
 
 
-def val_points(run: dict) -> list[tuple[float, float]]:
-    """(training tokens, val PPL) of one run; the last row per step wins (resumed runs repeat some)."""
-    s = run["summary"]
-    per_step = s["train_tokens"] / max(1, s["step"])
-    rows = {r["step"]: r["val_ppl"] for r in read_metrics(run["dir"]) if "val_ppl" in r}
-    return [(step * per_step, ppl) for step, ppl in sorted(rows.items())]
+def _tokens_per_step(summary: dict) -> float:
+    return summary["train_tokens"] / max(1, summary["step"])
 
 
 def write_compare(runs: list[dict], settings: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
@@ -133,7 +134,7 @@ def write_compare(runs: list[dict], settings: dict[str, Any], out_dir: str | Pat
     out.mkdir(parents=True, exist_ok=True)
     groups = _by_label(runs)
     plots = {"val_ppl": lines(out / "val_ppl_vs_tokens.png",
-                              {k: _curve([val_points(r) for r in rs]) for k, rs in groups.items()},
+                              {k: _curve([val_points(r["dir"], _tokens_per_step(r["summary"])) for r in rs]) for k, rs in groups.items()},
                               "training tokens", "validation PPL", "Validation perplexity", logy=True)}
     if any("analysis" in r for r in runs):
         plots["ecr"] = lines(out / "ecr.png", {k: _curve([[(e["to_step"], e["ecr"]) for e in r["analysis"]["ecr"]]
@@ -153,14 +154,17 @@ def write_compare(runs: list[dict], settings: dict[str, Any], out_dir: str | Pat
           f"(if any): mean over seeds, accuracies in %. Avg. rank over every column (1 = best).\n",
           table(header, fmt_row),
           "\n## Complexity\n",
-          table(["Model", "params", "active", "train tokens", "train wall-clock (s)", "train tok/s",
+          table(["Model", "params", "active", "train tokens", "train wall-clock (s)", "train tok/s (median)",
                  "inference tok/s"], complexity_rows(runs))]
     rrows = routing_rows(runs)
     if rrows:
         md += [f"\n## Routing ({settings['analysis_tokens']} fixed validation tokens, mean over seeds)\n",
                "ECR between consecutive checkpoints; agreement of router and competition (analysis mode) "
-               "at the last checkpoint; PPL on the token set with top-K and with the top-(K+1) shift.\n",
-               table(["Model", "mean ECR", "last ECR", "agreement", "top-1 agr.", "PPL", "shifted PPL"], rrows)]
+               "at the last checkpoint; entropies (nats, mean over layers) of the expert-selection frequency "
+               "(max log N) and of the router's full softmax; PPL on the token set with top-K and with the "
+               "top-(K+1) shift.\n",
+               table(["Model", "mean ECR", "last ECR", "agreement", "top-1 agr.", "selection H", "softmax H",
+                      "PPL", "shifted PPL"], rrows)]
     md += ["\n## Curves\n"] + [f"![{k}]({p.name})" for k, p in plots.items()]
     md += ["\n## Runs\n", table(["Model", "seed", "folder", "val PPL", "resumed"],
                                 [[r["label"], r["seed"], r["dir"], r["summary"]["val_ppl"],

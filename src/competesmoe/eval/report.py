@@ -56,11 +56,20 @@ def results_markdown(results: Run | Sequence[Run], mc_metric: str = "acc", ppl_t
     rows = table_rows(runs, mc_metric, ppl_task)
     summary = _markdown(header, [[str(r["Model"])] + [_fmt(r[c], ".2f" if c == "PPL" else ".1f") for c in header[1:]]
                                  for r in rows])
-    details = [[str(run.get("name", "model")), task] + [_fmt(metrics.get(m), ".4f" if m.startswith("acc") else ".6g") for m in DETAIL_METRICS]
+    details = [[str(run.get("name", "model")), task]
+               + [_fmt(metrics.get(m), ".4f" if m.startswith("acc") else ".6g") for m in DETAIL_METRICS]
+               + [_fmt(*_speed(run, task, metrics))]
                for run in runs for task, metrics in run["tasks"].items()]
     return (f"PPL: `{ppl_task}` token perplexity (lower is better); accuracies in %, multiple choice = "
-            f"`{mc_metric}`; Avg. = mean of the accuracy columns present.\n\n{summary}\n\n"
-            f"{_markdown(['Model', 'Task', *DETAIL_METRICS], details)}\n")
+            f"`{mc_metric}`; Avg. = mean of the accuracy columns present. items/s: scored items (BLiMP: "
+            f"pairs) per second of wall-clock, loading excluded.\n\n{summary}\n\n"
+            f"{_markdown(['Model', 'Task', *DETAIL_METRICS, 'items/s'], details)}\n")
+
+
+def _speed(run: Run, task: str, metrics: dict[str, Any]) -> tuple[float | None, str]:
+    seconds = run.get("settings", {}).get("seconds", {}).get(task)
+    n = metrics.get("n")
+    return (n / seconds if n and seconds else None), ".1f"
 
 
 def write_report(results: Run | Sequence[Run], out_dir: str | Path, mc_metric: str = "acc",

@@ -81,6 +81,6 @@ def diversity_loss(out_TKD: torch.Tensor) -> torch.Tensor:
     if K < 2:
         return out_TKD.new_zeros((), dtype=torch.float32)
     o_TKD = F.normalize(fp32(out_TKD), dim=-1)
-    C_TKK = o_TKD @ o_TKD.transpose(1, 2)
-    off_diag = C_TKK.sum(dim=(1, 2)) - C_TKK.diagonal(dim1=1, dim2=2).sum(dim=-1)
+    # Σ_{i≠j} ⟨ô_i, ô_j⟩ = ‖Σ_i ô_i‖² − Σ_i ‖ô_i‖²: O(K·D) per token instead of a K×K Gram matrix.
+    off_diag = o_TKD.sum(dim=1).square().sum(dim=-1) - o_TKD.square().sum(dim=(1, 2))
     return (off_diag / (K * (K - 1))).mean()

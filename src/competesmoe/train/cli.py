@@ -7,6 +7,7 @@ import sys
 from ..config import ConfigError, ROUTERS
 from .config import RUN_PRESETS, RunConfig, run_preset
 from .loop import Trainer, TrainingError, dump_summary
+from .metrics import plot_validation
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,6 +48,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     dump_summary(summary, trainer.out)
+    t = cfg.train
+    plot = plot_validation(trainer.out, t.batch_size * t.grad_accum * cfg.data.seq_len)
     print(f"final validation perplexity: {summary['val_ppl']:.2f} (loss {summary['val_loss']:.4f}) "
-          f"after {summary['step']} steps; run folder: {summary['out_dir']}")
+          f"after {summary['step']} steps; run folder: {summary['out_dir']}; curve: {plot}")
     return 0

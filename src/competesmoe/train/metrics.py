@@ -64,3 +64,17 @@ class MetricsLogger:
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def val_points(run_dir: str | Path, tokens_per_step: float) -> list[tuple[float, float]]:
+    """(training tokens, val PPL) of one run; the last row per step wins (resumed runs repeat some)."""
+    rows = {r["step"]: r["val_ppl"] for r in read_metrics(run_dir) if "val_ppl" in r}
+    return [(step * tokens_per_step, ppl) for step, ppl in sorted(rows.items())]
+
+
+def plot_validation(run_dir: str | Path, tokens_per_step: float) -> Path:
+    """`RUN/val_ppl.png`: validation perplexity against training tokens."""
+    from ..analysis.plots import lines
+    points = val_points(run_dir, tokens_per_step)
+    return lines(Path(run_dir) / "val_ppl.png", {Path(run_dir).name: tuple(zip(*points)) or ((), ())},
+                 "training tokens", "validation PPL", "Validation perplexity", logy=True)

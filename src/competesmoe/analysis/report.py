@@ -10,7 +10,9 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def fmt(v: Any) -> str:
         if v is None:
             return "–"
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return str(v)
+        return f"{v:,.0f}" if abs(v) >= 1000 else (f"{v:.4g}" if isinstance(v, float) else str(v))
     out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     return "\n".join(out + ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows])
 

@@ -29,7 +29,7 @@ def affinity(out_XD: torch.Tensor, kappa: str, lse_XD: torch.Tensor | None = Non
         if lse_XD is None:
             raise ValueError("kappa='softmax' needs the log-normaliser over experts (lse_XD)")
         return (o - lse_XD).exp().mean(dim=-1)
-    return _ELEMENTWISE[kappa](o).mean(dim=-1)
+    return _ELEMENTWISE[kappa](o).sum(dim=-1) / o.shape[-1]  # = mean; its backward skips a [.., D] division
 
 
 @torch.no_grad()
@@ -80,7 +80,11 @@ def diversity_loss(out_TKD: torch.Tensor) -> torch.Tensor:
     K = out_TKD.shape[1]
     if K < 2:
         return out_TKD.new_zeros((), dtype=torch.float32)
-    o_TKD = F.normalize(fp32(out_TKD), dim=-1)
-    # Σ_{i≠j} ⟨ô_i, ô_j⟩ = ‖Σ_i ô_i‖² − Σ_i ‖ô_i‖²: O(K·D) per token instead of a K×K Gram matrix.
-    off_diag = o_TKD.sum(dim=1).square().sum(dim=-1) - o_TKD.square().sum(dim=(1, 2))
+    o_TKD = fp32(out_TKD)
+    n_TK = o_TKD.norm(dim=-1)
+    r_TK = 1 / n_TK.clamp_min(1e-12)                   # ô_i = r_i·o_i (F.normalize's convention: 0 stays 0)
+    # Σ_{i≠j} ⟨ô_i, ô_j⟩ = ‖Σ_i ô_i‖² − Σ_i ‖ô_i‖²: O(K·D) per token, no K×K Gram matrix, and only
+    # one full-size product to differentiate.
+    sum_TD = (o_TKD * r_TK[..., None]).sum(dim=1)
+    off_diag = sum_TD.square().sum(dim=-1) - (n_TK * r_TK).square().sum(dim=-1)
     return (off_diag / (K * (K - 1))).mean()

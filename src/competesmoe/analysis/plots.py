@@ -23,14 +23,16 @@ def lines(path: Path, series: Mapping[str, tuple[Sequence[float], Sequence[float
           title: str, logy: bool = False) -> Path:
     """One line per named (x, y) series."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for name, (x, y) in series.items():
-        ax.plot(list(x), list(y), marker="o", markersize=3, label=name)
+    many = len(series) > 6                       # legend beside the axes, styles beyond 10 colours
+    fig, ax = plt.subplots(figsize=(9.0 if many else 6.4, 4.0))
+    for i, (name, (x, y)) in enumerate(series.items()):
+        ax.plot(list(x), list(y), marker="os^"[i // 10 % 3], markersize=3, ls=("-", "--", ":")[i // 10 % 3],
+                label=name)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     if logy:
         ax.set_yscale("log")
     if series:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if many else {}))
     ax.grid(alpha=0.3)
     return _save(fig, path)
 

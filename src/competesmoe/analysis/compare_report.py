@@ -133,8 +133,9 @@ def write_compare(runs: list[dict], settings: dict[str, Any], out_dir: str | Pat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     groups = _by_label(runs)
-    plots = {"val_ppl": lines(out / "val_ppl_vs_tokens.png",
-                              {k: _curve([val_points(r["dir"], _tokens_per_step(r["summary"])) for r in rs]) for k, rs in groups.items()},
+    val_curves = {k: _curve([val_points(r["dir"], _tokens_per_step(r["summary"])) for r in rs])
+                  for k, rs in groups.items()}
+    plots = {"val_ppl": lines(out / "val_ppl_vs_tokens.png", val_curves,
                               "training tokens", "validation PPL", "Validation perplexity", logy=True)}
     if any("analysis" in r for r in runs):
         plots["ecr"] = lines(out / "ecr.png", {k: _curve([[(e["to_step"], e["ecr"]) for e in r["analysis"]["ecr"]]

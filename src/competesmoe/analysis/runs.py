@@ -111,10 +111,9 @@ def train_run(cfg: RunConfig, variant: Variant, seed: int, log: Callable[[str], 
     tic = time.perf_counter()
     summary = trainer.train()
     seconds = time.perf_counter() - tic
-    t = cfg.train
     summary.update(label=variant.label, router=variant.router, overrides=list(variant.overrides), seed=seed,
                    train_seconds=seconds, resumed=resume,
-                   train_tokens=t.steps * t.batch_size * t.grad_accum * cfg.data.seq_len,
+                   train_tokens=cfg.train.steps * cfg.tokens_per_step,
                    params=trainer.model.num_parameters(), active_params=trainer.model.num_parameters(active=True),
                    infer_tokens_per_s=inference_tokens_per_s(trainer))
     dump_summary(summary, out)

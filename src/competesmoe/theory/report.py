@@ -39,23 +39,25 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def median_by_n(result: dict, key: str) -> tuple[list[int], list[float]]:
+def _by_n(result: dict, key: str, positive: bool = False) -> dict[int, list[float]]:
+    """The finite (and, if asked, positive) values of `key` over seeds, per sample size n."""
     by_n = collections.defaultdict(list)
     for r in result["records"]:
         v = r.get(key)
-        if v is not None and math.isfinite(v):
+        if v is not None and math.isfinite(v) and (v > 0 or not positive):
             by_n[r["n"]].append(v)
+    return by_n
+
+
+def median_by_n(result: dict, key: str) -> tuple[list[int], list[float]]:
+    by_n = _by_n(result, key)
     ns = sorted(by_n)
     return ns, [float(np.median(by_n[n])) for n in ns]
 
 
 def geometric_means(result: dict, metric: str) -> tuple[list[int], list[float], list[float], list[float]]:
     """Per n: geometric mean, 25% and 75% quantiles of the metric over seeds (finite values only)."""
-    by_n = collections.defaultdict(list)
-    for r in result["records"]:
-        e = r[metric]
-        if e is not None and math.isfinite(e) and e > 0:
-            by_n[r["n"]].append(e)
+    by_n = _by_n(result, metric, positive=True)
     ns = sorted(by_n)
     gm = [float(np.exp(np.mean(np.log(by_n[n])))) for n in ns]
     q1 = [float(np.quantile(by_n[n], 0.25)) for n in ns]

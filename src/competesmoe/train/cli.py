@@ -48,8 +48,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     dump_summary(summary, trainer.out)
-    t = cfg.train
-    plot = plot_validation(trainer.out, t.batch_size * t.grad_accum * cfg.data.seq_len)
+    plot = plot_validation(trainer.out, cfg.tokens_per_step)
     print(f"final validation perplexity: {summary['val_ppl']:.2f} (loss {summary['val_loss']:.4f}) "
           f"after {summary['step']} steps; run folder: {summary['out_dir']}; curve: {plot}")
     return 0

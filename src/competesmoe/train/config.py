@@ -57,6 +57,11 @@ class RunConfig(Config):
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    @property
+    def tokens_per_step(self) -> int:
+        """Training tokens per optimizer step: batch × accumulation × sequence length."""
+        return self.train.batch_size * self.train.grad_accum * self.data.seq_len
+
     def validate(self) -> None:
         check(self.data.seq_len <= self.model.max_seq_len,
               f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")

@@ -118,7 +118,7 @@ class Trainer:
     # --- the loop ---------------------------------------------------------------------------------
     def train(self) -> dict:
         t = self.cfg.train
-        tokens_per_step = t.batch_size * t.grad_accum * self.cfg.data.seq_len
+        tokens_per_step = self.cfg.tokens_per_step
         from tqdm.auto import tqdm
         bar = tqdm(total=t.steps, initial=self.step, desc="train", dynamic_ncols=True, disable=None)
         tic = time.perf_counter()

@@ -7,10 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-def fp32(t: torch.Tensor) -> torch.Tensor:
-    """Upcast half precision to float32; keep float32/float64 as they are."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
+from .precision import fp32
 
 _ELEMENTWISE = {"softplus": F.softplus, "silu": F.silu, "sigmoid": torch.sigmoid, "relu": F.relu}
 

@@ -17,15 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .precision import compute_dtype
+
 _ACTS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a matmul on `x` runs in: the autocast dtype when autocast is on for its device."""
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return x.dtype
 
 
 def _aligned(t: torch.Tensor) -> bool:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MoEConfig
-from .competition import fp32
+from .precision import fp32
 
 
 @dataclass

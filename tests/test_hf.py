@@ -62,14 +62,36 @@ def test_save_pretrained_round_trip_gives_identical_logits(tmp_path, router):
         assert torch.isfinite(buf).all(), name
 
 
-def test_labels_give_the_shifted_lm_loss():
+def test_labels_give_the_shifted_lm_loss_plus_the_moe_aux_loss():
     model = small_model()
     hf = CompeteSMoEForCausalLM.from_transformer(model)
     ids = torch.randint(0, 64, (2, 9))
     out = hf(ids, labels=ids)
-    ref = model(ids[:, :-1], targets=ids[:, 1:]).lm_loss
-    assert torch.allclose(out.loss, ref)
+    lm = model(ids[:, :-1], targets=ids[:, 1:]).lm_loss
+    aux = model(ids).aux_loss
+    assert aux > 0  # the entropy/switch balance term is there
+    torch.testing.assert_close(out.aux_loss, aux)
+    torch.testing.assert_close(out.loss, lm + aux)
+    torch.testing.assert_close(hf(ids, labels=ids, include_aux_loss=False).loss, lm)
+    hf.config.include_aux_loss = False
+    torch.testing.assert_close(hf(ids, labels=ids).loss, lm)
     assert out.logits.shape == (2, 9, 64)
+
+
+def test_hf_training_step_competes_and_its_loss_carries_distillation():
+    """Through the HF wrapper (as transformers' Trainer calls it) a competition step's loss holds γ·L_D + β·L_div."""
+    from competesmoe import CompetitionSchedule, attach_schedule
+    model = small_model("competesmoe").train()
+    hf = CompeteSMoEForCausalLM.from_transformer(model).train()
+    attach_schedule(hf, CompetitionSchedule(n_layers=2, total_steps=1, omega=1.0, a_max=2))
+    ids = torch.randint(0, 64, (2, 9))
+    out = hf(ids, labels=ids)
+    out.loss.backward()
+    gate = hf.model.blocks[0].moe.router.gate.weight
+    assert gate.grad is not None and gate.grad.abs().sum() > 0  # only the distillation/balance terms reach it
+    hf.zero_grad()
+    hf(ids, labels=ids, include_aux_loss=False).loss.backward()
+    assert gate.grad is None or gate.grad.abs().sum() == 0  # competing layers: no task gradient to the router
 
 
 def test_register_is_idempotent_and_config_is_derived():
@@ -114,10 +136,37 @@ def test_export_folder_loads_with_auto_classes(tiny_run, exported):
     text = "The quick brown fox, said he."
     assert hf_tok(text)["input_ids"] == tok.encode(text).ids
     ids = torch.tensor([tok.encode(text).ids])
+    # Same parameters, but not the same code path bit for bit (transformers' loading may change how a
+    # matmul is laid out): fp32 rounding, 1e-5 absolute on logits of magnitude ~10.
     with torch.no_grad():
-        assert torch.equal(hf(ids).logits, model(ids).logits)
+        torch.testing.assert_close(hf(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(hf.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=None,
                                    pad_token_id=hf_tok.pad_token_id), model.generate(ids, 5))
+
+
+def test_loaded_model_is_aligned_and_takes_the_grouped_mm_path(exported, monkeypatch):
+    """Weights memory-mapped from safetensors start at an arbitrary offset; loading realigns them."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(exported).eval()
+    assert all(p.data_ptr() % 16 == 0 for p in hf.parameters())
+    assert hf.model.head.weight is hf.model.embed.weight
+    calls = []
+    real = F.grouped_mm
+    monkeypatch.setattr(F, "grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        hf(torch.ones(1, 8, dtype=torch.long))
+    assert len(calls) == 2 * hf.config.num_hidden_layers  # two grouped GEMMs per MoE layer
+
+
+def test_realign_parameters_copies_only_misaligned_storage():
+    from competesmoe.model.hf import realign_parameters
+    lin = torch.nn.Linear(4, 4, bias=False)
+    storage = torch.zeros(17)
+    lin.weight.data = storage[1:].view(4, 4)  # 4-byte offset
+    assert lin.weight.data_ptr() % 16 != 0
+    assert realign_parameters(lin) == 1 and lin.weight.data_ptr() % 16 == 0
+    assert realign_parameters(lin) == 0
 
 
 def test_export_cli_errors(tmp_path, exported, capsys):

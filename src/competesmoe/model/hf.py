@@ -4,9 +4,12 @@
     model = AutoModelForCausalLM.from_pretrained(DIR); tok = AutoTokenizer.from_pretrained(DIR)
 
 The config stores our `ModelConfig` as a dict (`model_config`) plus the standard HF names derived
-from it. `forward` returns `CausalLMOutputWithPast`; with `labels` the loss is the LM cross-entropy
-with HF's shift (labels[:, 1:] vs logits[:, :-1], -100 ignored; the MoE auxiliary loss is not
-added). The KV cache is a transformers `DynamicCache` (or a legacy tuple of per-layer (k, v)).
+from it. `forward` returns `MoeCausalLMOutputWithPast`; with `labels` the loss is the LM cross-entropy
+with HF's shift (labels[:, 1:] vs logits[:, :-1], -100 ignored) plus the MoE auxiliary loss (balance,
+z-loss and, on competition steps, γ·L_D + β·L_div of Eq. (5)), so fine-tuning through transformers'
+`Trainer` trains the routers as our own trainer does. `config.include_aux_loss=False` (or
+`forward(..., include_aux_loss=False)`) gives the LM loss alone; `aux_loss` is returned either way.
+The KV cache is a transformers `DynamicCache` (or a legacy tuple of per-layer (k, v)).
 Padded batches (an attention mask with zeros) are not supported: the model has no padding mask.
 """
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch.nn.functional as F
 from transformers import (AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel,
                           PreTrainedTokenizerFast)
 from transformers.cache_utils import Cache, DynamicLayer
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from .transformer import ModelConfig, MoETransformer
 
@@ -41,6 +44,7 @@ class CompeteSMoEConfig(PretrainedConfig):
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    include_aux_loss: bool = True   # `loss` = LM loss + the MoE auxiliary loss when labels are given
 
     def __post_init__(self, **kwargs: Any) -> None:
         if self.model_config is None:
@@ -89,6 +93,7 @@ class CompeteSMoEForCausalLM(PreTrainedModel, GenerationMixin):
                     buf = getattr(module, name, None)
                     if isinstance(buf, torch.Tensor):
                         buf.zero_()
+        realign_parameters(model)
         return model
 
     def _init_weights(self, module: torch.nn.Module) -> None:
@@ -129,7 +134,7 @@ class CompeteSMoEForCausalLM(PreTrainedModel, GenerationMixin):
                 position_ids: torch.LongTensor | None = None, cache: Any = None, past_key_values: Any = None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, logits_to_keep: int = 0, return_dict: bool | None = None,
-                **kwargs: Any) -> CausalLMOutputWithPast:
+                include_aux_loss: bool | None = None, **kwargs: Any) -> MoeCausalLMOutputWithPast:
         if input_ids is None or inputs_embeds is not None:
             raise ValueError("CompeteSMoE takes input_ids (inputs_embeds are not supported)")
         if attention_mask is not None and attention_mask.ndim == 2 and not bool(attention_mask.all()):
@@ -147,6 +152,8 @@ class CompeteSMoEForCausalLM(PreTrainedModel, GenerationMixin):
             shift_labels = labels[:, 1:].to(shift_logits.device)
             loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                                    ignore_index=-100)
+            if self.config.include_aux_loss if include_aux_loss is None else include_aux_loss:
+                loss = loss + out.aux_loss
         new_cache = None
         if use_cache:
             if isinstance(cache, Cache):
@@ -155,7 +162,7 @@ class CompeteSMoEForCausalLM(PreTrainedModel, GenerationMixin):
                 new_cache = cache
             else:  # legacy tuple in, legacy tuple out (a DynamicCache when nothing was passed)
                 new_cache = tuple(out.cache) if cache is not None else self._new_cache(out.cache)
-        return _output(loss, logits, new_cache)
+        return _output(loss, out.aux_loss, logits, new_cache)
 
     def _new_cache(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Cache:
         from transformers import DynamicCache
@@ -165,11 +172,27 @@ class CompeteSMoEForCausalLM(PreTrainedModel, GenerationMixin):
         return cache
 
 
-def _output(loss: torch.Tensor | None, logits: torch.Tensor, cache: Any) -> CausalLMOutputWithPast:
+def _output(loss: torch.Tensor | None, aux_loss: torch.Tensor, logits: torch.Tensor,
+            cache: Any) -> MoeCausalLMOutputWithPast:
     """transformers 5 names the cache field `cache`, 4.x `past_key_values`."""
-    fields = CausalLMOutputWithPast.__dataclass_fields__
+    fields = MoeCausalLMOutputWithPast.__dataclass_fields__
     key = "cache" if "cache" in fields else "past_key_values"
-    return CausalLMOutputWithPast(loss=loss, logits=logits, **{key: cache})
+    return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits, **{key: cache})
+
+
+def realign_parameters(model: torch.nn.Module, alignment: int = 16) -> int:
+    """Give every parameter whose storage is not `alignment`-byte aligned a fresh (aligned) copy.
+
+    Weights loaded from a memory-mapped safetensors file start wherever the file's header ends; grouped_mm
+    needs 16-byte aligned operands, so without this a loaded model silently dropped to the per-expert loop.
+    Returns how many parameters were copied. Tied parameters stay tied (the Parameter object is kept)."""
+    moved = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.data_ptr() % alignment:
+                p.data = p.data.clone(memory_format=torch.contiguous_format)
+                moved += 1
+    return moved
 
 
 def hf_tokenizer(tokenizer: Any) -> PreTrainedTokenizerFast:

@@ -2,7 +2,8 @@
 
 Attention is dense causal self-attention with rotary position embeddings; every block's MLP is an MoE
 layer with the configured router. `forward` returns the logits, the LM loss (when targets are given) and
-the auxiliary loss averaged over MoE layers. A key/value cache makes generation incremental.
+the auxiliary loss: by default the sum over MoE layers of each layer's weighted losses, as Eq. (5) applies
+γ·L_D + β·L_div (and the balance loss) to every layer's router (`aux_reduction="mean"` divides by L). A key/value cache makes generation incremental.
 Shapes: B batch, S sequence, D d_model, V vocabulary, Hh heads, Dh head dim.
 """
 from __future__ import annotations
@@ -15,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config, LossConfig, MoEConfig, apply_overrides, check
+from ..config import Config, LossConfig, MoEConfig, apply_overrides, check, check_choice
 from ..moe import MoE
+from ..moe.experts import Experts
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -32,6 +34,7 @@ class ModelConfig(Config):
     dropout: float = 0.0
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
+    aux_reduction: str = "sum"      # how the layers' aux losses combine: "sum" (Eq. (5) per layer) or "mean"
     moe: MoEConfig = field(default_factory=lambda: MoEConfig(d_model=128, d_expert=64, n_experts=16, top_k=4))
 
     @property
@@ -45,6 +48,7 @@ class ModelConfig(Config):
               f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set d_head")
         check(self.head_dim % 2 == 0, f"head dim must be even for rotary embeddings, got {self.head_dim}")
         check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        check_choice("aux_reduction", self.aux_reduction, ("sum", "mean"))
         check(self.moe.d_model == self.d_model,
               f"moe.d_model={self.moe.d_model} must equal d_model={self.d_model}")
 
@@ -61,8 +65,10 @@ PRESETS: dict[str, ModelConfig] = {
                         moe=_moe(128, 64, 16, 4, activation="relu", losses=_LM_LOSSES)),
     "small": ModelConfig(vocab_size=8192, n_layers=8, d_model=256, n_heads=4, max_seq_len=512,
                          moe=_moe(256, 128, 32, 4, activation="relu", losses=_LM_LOSSES)),
-    # Section 5.1 / Appendix I.2: 16 layers, d_model 512, 4 heads of 82, 64 experts of 128, K 8
-    "paper-151m": ModelConfig(vocab_size=50304, n_layers=16, d_model=512, n_heads=4, d_head=82, max_seq_len=1024,
+    # Section 5.1 / Appendix I.2 (Table 12): 16 layers, d_model 512, 4 heads of 82, 64 experts of 128, K 8.
+    # The MoEUT framework the paper trains with uses an 8,000-piece SentencePiece vocabulary: 149.6 M
+    # parameters with tied embeddings (the paper: 151 M); docs/presets.md sources every value.
+    "paper-151m": ModelConfig(vocab_size=8000, n_layers=16, d_model=512, n_heads=4, d_head=82, max_seq_len=1024,
                               moe=_moe(512, 128, 64, 8, activation="relu", losses=_LM_LOSSES)),
 }
 
@@ -128,7 +134,7 @@ class LMOutput:
     logits: torch.Tensor                      # [B, S, V]
     loss: torch.Tensor | None                 # LM cross-entropy + aux_loss (when targets were given)
     lm_loss: torch.Tensor | None
-    aux_loss: torch.Tensor                    # mean over MoE layers of each layer's weighted aux loss
+    aux_loss: torch.Tensor                    # sum (or mean: aux_reduction) over MoE layers of their aux losses
     moe: list = dataclasses.field(default_factory=list)   # one MoEOutput per layer
     cache: KVCache | None = None
 
@@ -147,13 +153,24 @@ class MoETransformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """GPT-2 style: N(0, 0.02), residual projections scaled by 1/sqrt(2L)."""
+        """GPT-2 style for the model's own weights: N(0, 0.02), and the projections that write into the
+        residual stream (attention output, every expert's W2) N(0, 0.02/sqrt(2L)). Chosen by module type;
+        routers keep the init of their own `reset_parameters` (e.g. XMoE's expert embeddings)."""
         std, res_std = 0.02, 0.02 / math.sqrt(2 * self.cfg.n_layers)
-        for name, p in self.named_parameters():
-            if p.dim() < 2 or "ln" in name:
-                continue
-            is_residual_out = name.endswith("attn.out.weight") or name.endswith("experts.w2") or "shared.inner.w2" in name
-            nn.init.normal_(p, 0.0, res_std if is_residual_out else std)
+        for m in self.modules():
+            if isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, 0.0, std)
+            elif isinstance(m, Attention):
+                nn.init.normal_(m.qkv.weight, 0.0, std)
+                nn.init.normal_(m.out.weight, 0.0, res_std)
+            elif isinstance(m, Experts):  # routed and shared experts
+                m.reset_parameters()
+                nn.init.normal_(m.w1, 0.0, std)
+                nn.init.normal_(m.w2, 0.0, res_std)
+            elif isinstance(m, nn.LayerNorm):
+                m.reset_parameters()
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.head.weight, 0.0, std)
 
     def num_parameters(self, active: bool = False) -> int:
         total = sum(p.numel() for p in self.parameters())
@@ -177,7 +194,8 @@ class MoETransformer(nn.Module):
             outs.append(out)
             new_cache.append(kv)
         logits = self.head(self.ln_f(x))
-        aux = torch.stack([o.aux_loss for o in outs]).mean()
+        aux = torch.stack([o.aux_loss for o in outs])
+        aux = aux.sum() if self.cfg.aux_reduction == "sum" else aux.mean()
         lm_loss = loss = None
         if targets is not None:
             lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)

@@ -1,7 +1,9 @@
 """Router policies (SPEC §1): token -> (logits, chosen experts, their weights).
 
 One small class per scoring rule; `build_router(cfg)` maps the seven router names onto them.
-Routers run in float32 even under autocast (their softmax/top-K decide the routing).
+Routers run in float32 even under autocast (their softmax/top-K decide the routing). Each router owns its
+init (`reset_parameters`): linear maps N(0, 0.02) (GPT-2's init, which the paper uses for new routers,
+Appendix I.1), XMoE/perturbed-cosine expert embeddings orthogonal; a model embedding a router leaves it alone.
 Shapes: T tokens, D d_model, N routed experts, K routed choices per token.
 """
 from __future__ import annotations
@@ -23,10 +25,16 @@ class Routing:
     w_TK: torch.Tensor        # their weights in the output
 
 
+INIT_STD = 0.02  # linear maps of the routers
+
+
 class _Router(nn.Module):
     def __init__(self, d_model: int, n_experts: int, top_k: int) -> None:
         super().__init__()
         self.d_model, self.n_experts, self.top_k = d_model, n_experts, top_k
+
+    def reset_parameters(self) -> None:
+        raise NotImplementedError
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -47,6 +55,12 @@ class SoftmaxRouter(_Router):
     def __init__(self, d_model: int, n_experts: int, top_k: int, bias: bool = False) -> None:
         super().__init__(d_model, n_experts, top_k)
         self.gate = nn.Linear(d_model, n_experts, bias=bias)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.gate.weight, 0.0, INIT_STD)
+        if self.gate.bias is not None:
+            nn.init.zeros_(self.gate.bias)
 
     def logits(self, x_TD):
         return F.linear(x_TD, fp32(self.gate.weight),
@@ -69,8 +83,12 @@ class CosineRouter(SoftmaxRouter):
         _Router.__init__(self, d_model, n_experts, top_k)
         self.proj = nn.Linear(d_model, proj_dim, bias=False)
         self.expert_emb = nn.Parameter(torch.empty(n_experts, proj_dim))
-        nn.init.orthogonal_(self.expert_emb)
         self.temperature, self.eps = temperature, eps
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.proj.weight, 0.0, INIT_STD)
+        nn.init.orthogonal_(self.expert_emb)  # row norms sqrt(d_r/N) when N > d_r (0.71 at d_r = N/2)
 
     def logits(self, x_TD):
         z_TR = F.linear(x_TD, fp32(self.proj.weight))

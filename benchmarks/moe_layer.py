@@ -11,15 +11,16 @@ Reported, each a median over --repeats timed runs after warm-up, ratios from the
   1. efficiency = time of a dense matmul chain with the same active FLOPs / time of our layer
   2. speed-up over transformers' MixtralSparseMoeBlock with the same weights (each experts implementation)
   3. competition step / normal step, against the bound (N + 3K) / (3K)
-  4. peak memory of a competition step / a normal step (CPU: peak RSS in a fresh process; CUDA: allocator)
+  4. peak memory of a competition step / a normal step (CPU: peak resident memory, VmHWM, of a fresh
+     process, reset before the step and checked on a known allocation; CUDA: allocator)
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import os
 import platform
-import resource
 import subprocess
 import sys
 
@@ -134,12 +135,31 @@ def bench_shape(shape, dtype_name, device, tokens, repeats, hf_impls):
 
 
 # --- peak memory -------------------------------------------------------------------------------------
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+# CPU: the high-water mark of this process's own address space (VmHWM), reset just before the step.
+# Not getrusage's ru_maxrss: on Linux it survives exec, so a probe started from a large parent reports
+# the parent's peak (how docs/results/moe_layer-cpu.md of 2026-11-27 came to show 1.00 with the same MiB
+# for both steps: every child printed the benchmark process's own peak, which grew from row to row).
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {field}: the CPU memory probe needs Linux")
 
 
-def memory_probe(shape, dtype_name, device, tokens, compete: bool) -> float:
+def cpu_peak_mib(fn) -> float:
+    """Peak resident memory above the current level while `fn` runs, in MiB (Linux)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    base = _status_mib("VmRSS")
+    fn()
+    return _status_mib("VmHWM") - base
+
+
+CALIBRATION_MIB = 64
+
+
+def memory_probe(shape, dtype_name, device, tokens, compete: bool) -> dict:
     """Peak extra memory of one competesmoe fwd+bwd step (normal or competition), in MiB."""
     dtype = DTYPES[dtype_name]
     moe = make_moe(shape, "competesmoe", device)
@@ -153,25 +173,34 @@ def memory_probe(shape, dtype_name, device, tokens, compete: bool) -> float:
         base = torch.cuda.memory_allocated()
         run()
         torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    base = _rss_bytes()
-    run()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return (peak - base) / 2**20
+        return {"peak_MiB": (torch.cuda.max_memory_allocated() - base) / 2**20}
+    # The probe must see an allocation of known size, else its numbers mean nothing.
+    calib = cpu_peak_mib(lambda: torch.ones(CALIBRATION_MIB << 18).sum())
+    if not CALIBRATION_MIB * 0.9 <= calib <= CALIBRATION_MIB * 1.5:
+        raise RuntimeError(f"memory probe broken: a {CALIBRATION_MIB} MiB tensor showed as {calib:.1f} MiB")
+    return {"peak_MiB": cpu_peak_mib(run), "calibration_MiB": calib}
 
 
 def memory_ratio(shape, dtype_name, device, tokens) -> dict:
     if device == "cuda":
-        normal = memory_probe(shape, dtype_name, device, tokens, False)
-        compete = memory_probe(shape, dtype_name, device, tokens, True)
-    else:  # a fresh process each, so that peak RSS belongs to that step alone
+        normal = memory_probe(shape, dtype_name, device, tokens, False)["peak_MiB"]
+        compete = memory_probe(shape, dtype_name, device, tokens, True)["peak_MiB"]
+    else:  # a fresh process each, so that the allocator's state belongs to that step alone
         def child(c):
             out = subprocess.run([sys.executable, __file__, "--_memprobe", shape, dtype_name, str(tokens), str(int(c)),
                                   "--threads", str(torch.get_num_threads())],
                                  check=True, capture_output=True, text=True)
-            return float(out.stdout.strip().splitlines()[-1])
+            return json.loads(out.stdout.strip().splitlines()[-1])["peak_MiB"]
         normal, compete = child(False), child(True)
+    check_distinct_probes(normal, compete, f"{shape} {dtype_name}")
     return {"normal_MiB": normal, "compete_MiB": compete, "memory_ratio": compete / normal}
+
+
+def check_distinct_probes(normal: float, compete: float, what: str) -> None:
+    """Two different steps with the same peak to 0.1 MiB: the probe is not measuring the step."""
+    if normal <= 0 or compete <= 0 or abs(compete - normal) < 0.1:
+        raise RuntimeError(f"{what}: memory probes gave {normal:.2f} MiB (normal) and {compete:.2f} MiB "
+                           "(competition); identical or non-positive peaks mean the probe did not see the step")
 
 
 # --- report ------------------------------------------------------------------------------------------
@@ -181,7 +210,9 @@ def report(results, args, hf_default) -> str:
              f"- date: {datetime.date.today()}, machine: {platform.machine()}, {torch.get_num_threads()} threads, "
              f"torch {torch.__version__}" + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
              f"- tokens {args.tokens}, medians of {args.repeats} timed fwd+bwd runs; transformers' default experts "
-             f"implementation: `{hf_default}`", "",
+             f"implementation: `{hf_default}`",
+             f"- load average (1 min) at start / end: {args.load_start:.2f} / {os.getloadavg()[0]:.2f} "
+             f"on {os.cpu_count()} CPUs (other jobs share this machine)", "",
              "| shape | dtype | ours (s) | dense chain (s) | efficiency (goal ≥ 0.8) | compete / normal | bound (N+3K)/3K "
              "| ratio / bound (goal ≤ 1.1) | peak mem compete / normal (goal ≤ 1.2) |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -216,10 +247,13 @@ def main() -> None:
     args = p.parse_args()
     if args._memprobe:
         shape, dt, tokens, compete = args._memprobe
-        print(memory_probe(shape, dt, "cpu", int(tokens), bool(int(compete))))
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print(json.dumps(memory_probe(shape, dt, "cpu", int(tokens), bool(int(compete)))))
         return
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.load_start = os.getloadavg()[0]
     torch.manual_seed(0)
     hf_impls = [i for i in args.hf.split(",") if i]
     results = []

@@ -1,6 +1,10 @@
 """The competition mechanism (Section 2.2) and its router losses (Section 2.3.1).
 
 Affinities are computed in float32. Shapes: T tokens, D d_model, N experts, K winners per token.
+
+Affinity and diversity reduce each row [.., D] of the winners' outputs to a scalar. Both run through
+`rowwise`, which evaluates them a block of rows at a time and keeps only the (bf16) outputs for backward,
+recomputing each block there: float32 copies of the whole [T, K, D] never exist at once.
 """
 from __future__ import annotations
 
@@ -11,22 +15,73 @@ from .precision import fp32
 
 _ELEMENTWISE = {"softplus": F.softplus, "silu": F.silu, "sigmoid": torch.sigmoid, "relu": F.relu}
 
+# Elements per block of `rowwise`: its float32 temporaries are a few times this size. Small blocks stay in
+# cache on CPU; on accelerators fewer, larger blocks keep the number of kernel launches low.
+_BLOCK_ELEMENTS = {"cpu": 1 << 20}
+_BLOCK_DEFAULT = 1 << 24
+
+
+class _RowwiseRecompute(torch.autograd.Function):
+    """y = fn(x, *consts) block by block along dim 0; backward recomputes fn per block (no saved temporaries)."""
+
+    @staticmethod
+    def forward(ctx, fn, rows: int, x, *consts):
+        ctx.fn, ctx.rows = fn, rows
+        ctx.save_for_backward(x, *consts)
+        return torch.cat([fn(xb, *cb) for xb, *cb in zip(x.split(rows), *(c.split(rows) for c in consts))])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, *consts = ctx.saved_tensors
+        gx = torch.empty_like(x)
+        for i in range(0, x.shape[0], ctx.rows):
+            with torch.enable_grad():
+                xb = x[i:i + ctx.rows].detach().requires_grad_()
+                yb = ctx.fn(xb, *(c[i:i + ctx.rows] for c in consts))
+                gx[i:i + ctx.rows] = torch.autograd.grad(yb, xb, g[i:i + ctx.rows])[0]
+        return (None, None, gx) + (None,) * len(consts)
+
+
+def rowwise(fn, x: torch.Tensor, *consts: torch.Tensor) -> torch.Tensor:
+    """fn applied to blocks of rows of x (dim 0) with the matching rows of `consts` (no gradient for them).
+
+    fn must treat rows independently. With a gradient, only x and consts are kept for backward.
+    """
+    if any(c.requires_grad for c in consts):
+        raise ValueError("rowwise: the constant inputs must not require a gradient")
+    row = max(1, x[:1].numel())
+    rows = max(1, _BLOCK_ELEMENTS.get(x.device.type, _BLOCK_DEFAULT) // row)
+    with torch.autocast(x.device.type, enabled=False):   # explicit float32 inside fn; same in backward
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return torch.cat([fn(xb, *cb) for xb, *cb in zip(x.split(rows), *(c.split(rows) for c in consts))])
+        return _RowwiseRecompute.apply(fn, rows, x, *consts)
+
 
 def affinity(out_XD: torch.Tensor, kappa: str, lse_XD: torch.Tensor | None = None) -> torch.Tensor:
     """a = mean_d κ(g(x))_d (Eq. (13)); `norm`: a = ‖g(x)‖₂ (Eq. (14)).
 
     `softmax` is taken across experts for each output coordinate, a_i = mean_d softmax_i(g(x)_d),
     given the per-coordinate log-normaliser `lse_XD` (a softmax over the output dimension alone has
-    mean 1/D for every expert and could not rank them).
+    mean 1/D for every expert and could not rank them). `lse_XD` broadcasts against `out_XD` and is a
+    constant (it comes from the graph-free all-expert pass).
     """
-    o = fp32(out_XD)
-    if kappa == "norm":
-        return o.norm(dim=-1)
     if kappa == "softmax":
         if lse_XD is None:
             raise ValueError("kappa='softmax' needs the log-normaliser over experts (lse_XD)")
-        return (o - lse_XD).exp().mean(dim=-1)
+        return rowwise(_softmax_affinity, out_XD, lse_XD.expand_as(out_XD))
+    return rowwise(lambda o: _affinity_rows(o, kappa), out_XD)
+
+
+def _affinity_rows(out_XD: torch.Tensor, kappa: str) -> torch.Tensor:
+    o = fp32(out_XD)
+    if kappa == "norm":
+        return o.norm(dim=-1)
     return _ELEMENTWISE[kappa](o).sum(dim=-1) / o.shape[-1]  # = mean; its backward skips a [.., D] division
+
+
+def _softmax_affinity(out_XD: torch.Tensor, lse_XD: torch.Tensor) -> torch.Tensor:
+    return (fp32(out_XD) - lse_XD).exp().mean(dim=-1)
 
 
 @torch.no_grad()
@@ -77,6 +132,12 @@ def diversity_loss(out_TKD: torch.Tensor) -> torch.Tensor:
     K = out_TKD.shape[1]
     if K < 2:
         return out_TKD.new_zeros((), dtype=torch.float32)
+    return rowwise(_diversity_rows, out_TKD).mean()
+
+
+def _diversity_rows(out_TKD: torch.Tensor) -> torch.Tensor:
+    """Per token: mean off-diagonal cosine of its K outputs, [T]."""
+    K = out_TKD.shape[1]
     o_TKD = fp32(out_TKD)
     n_TK = o_TKD.norm(dim=-1)
     r_TK = 1 / n_TK.clamp_min(1e-12)                   # ô_i = r_i·o_i (F.normalize's convention: 0 stays 0)
@@ -84,4 +145,4 @@ def diversity_loss(out_TKD: torch.Tensor) -> torch.Tensor:
     # one full-size product to differentiate.
     sum_TD = (o_TKD * r_TK[..., None]).sum(dim=1)
     off_diag = sum_TD.square().sum(dim=-1) - (n_TK * r_TK).square().sum(dim=-1)
-    return (off_diag / (K * (K - 1))).mean()
+    return off_diag / (K * (K - 1))

@@ -27,6 +27,12 @@ def test_overrides_by_path_and_unique_leaf_name():
     (["kappa=exp"], "kappa='exp'"),
     (["detach_router_off_competition=maybe"], "true/false"),
     (["top_k"], "key=value"),
+    (["router_opts.proj_dim=abc"], "router_opts.proj_dim: expected an integer or null, got 'abc'"),
+    (["chunk_tokens=1.5"], "chunk_tokens: expected an integer or null, got 1.5"),
+    (["n_shared=true"], "n_shared: expected an integer, got True"),
+    (["top_k=2.0"], "top_k: expected an integer, got 2.0"),
+    (["alpha=abc"], "alpha: expected a number, got 'abc'"),
+    (["kappa=3"], "kappa='3' is not one of"),  # a string field takes the text; validation refuses it
 ])
 def test_bad_overrides_are_clear(override, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -40,3 +46,17 @@ def test_unknown_yaml_field_and_unreadable_file(tmp_path):
         MoEConfig.from_yaml(p)
     with pytest.raises(ConfigError, match="cannot read"):
         MoEConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_types_are_checked_on_construction_and_from_yaml(tmp_path):
+    with pytest.raises(ConfigError, match=r"MoEConfig.top_k: expected an integer, got '4'"):
+        MoEConfig(16, 8, 8, "4")
+    with pytest.raises(ConfigError, match=r"CompetitionConfig.chunk_tokens: expected an integer or null, got 1.5"):
+        CompetitionConfig(chunk_tokens=1.5)
+    path = tmp_path / "moe.yaml"
+    path.write_text("d_model: 16\nd_expert: 8\nn_experts: 8\ntop_k: 2\nrouter_opts:\n  n_shared: true\n")
+    with pytest.raises(ConfigError, match="RouterConfig.n_shared: expected an integer, got True"):
+        MoEConfig.from_yaml(path)
+    widened = apply_overrides(MoEConfig(16, 8, 8, 2), {"alpha": 1, "gamma": "2e-3"})
+    assert widened.competition.alpha == 1.0 and isinstance(widened.competition.alpha, float)
+    assert widened.competition.gamma == 2e-3

@@ -120,6 +120,59 @@ def test_checkpoint_from_another_config_is_a_clear_error(tmp_path):
         Trainer(small_cfg(tmp_path, "run", "train.steps=2"))          # never silently overwritten
 
 
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_refused_resume_changes_nothing_in_the_run(tmp_path):
+    run = tmp_path / "run"
+    Trainer(small_cfg(tmp_path, "run", "train.steps=2", "train.eval_every=2", "train.tensorboard=true"),
+            log=lambda *_: None).train()
+    before = _tree(run)
+    assert "tokenizer.json" in before and "config.yaml" in before
+    other = small_cfg(tmp_path, "run", "train.steps=2", "model.moe.top_k=3", "data.vocab_size=300",
+                      "train.tensorboard=true")
+    with pytest.raises(ConfigError, match="another config"):
+        Trainer(other, resume=True, log=lambda *_: None)
+    assert _tree(run) == before  # config.yaml, tokenizer.json, metrics, tensorboard: untouched, nothing new
+
+
+def test_checkpoint_holds_its_tokenizer(tmp_path):
+    run = tmp_path / "run"
+    Trainer(small_cfg(tmp_path, "run", "train.steps=2", "train.eval_every=2"), log=lambda *_: None).train()
+    step = ckpt.checkpoints(run / "checkpoints")[-1]
+    assert json.loads((step / "tokenizer.json").read_text()) == json.loads((run / "tokenizer.json").read_text())
+    (run / "tokenizer.json").unlink()          # a lone checkpoint folder is enough to load the model
+    model, _, tok = load_trained(step, log=lambda *_: None)
+    assert tok.get_vocab_size() == model.cfg.vocab_size
+    (step / "tokenizer.json").write_text("{}")  # and it is covered by the manifest
+    with pytest.raises(ckpt.CheckpointError, match="tokenizer.json"):
+        load_trained(step, log=lambda *_: None)
+
+
+def test_grad_accum_keeps_no_micro_batch_output_alive(tmp_path):
+    """Each micro-batch's logits/activations are freed before the next forward: memory does not grow
+    with grad_accum (the trainer keeps detached scalars only)."""
+    import weakref
+    trainer = Trainer(small_cfg(tmp_path, "run", "train.steps=2", "train.grad_accum=4", "train.eval_every=100",
+                                "train.ckpt_every=100"), log=lambda *_: None)
+    refs, alive_at_forward = [], []
+    forward = trainer.model.forward
+
+    def tracked(*args, **kwargs):
+        if not trainer.model.training:  # validation
+            return forward(*args, **kwargs)
+        alive_at_forward.append(sum(r() is not None for r in refs))
+        out = forward(*args, **kwargs)
+        refs.append(weakref.ref(out.logits))
+        return out
+
+    trainer.model.forward = tracked
+    trainer.train()
+    assert len(refs) == 8
+    assert max(alive_at_forward) == 0, [(i, n) for i, n in enumerate(alive_at_forward) if n]
+
+
 @pytest.mark.parametrize("policy", ["skip", "stop"])
 def test_non_finite_loss(tmp_path, policy):
     cfg = small_cfg(tmp_path, "run", "train.steps=6", "train.ckpt_every=2", "train.eval_every=6",
@@ -173,6 +226,30 @@ def test_bad_training_data_is_a_clear_cli_error(tmp_path, content, msg):
 def test_bad_cli_values_are_clear_errors(tmp_path, override, msg):
     res = subprocess.run(cli(tmp_path, "run", override), capture_output=True, text=True)
     assert res.returncode == 1 and msg in res.stderr, res.stderr
+
+
+def test_config_file_applies_on_top_of_the_preset_and_flags_on_top_of_it(tmp_path):
+    import yaml
+    y = tmp_path / "run.yaml"
+    y.write_text("train:\n  steps: 7\n  lr: 0.01\nmodel:\n  moe:\n    router: xmoe\n")
+    res = subprocess.run([sys.executable, "-m", "competesmoe.cli", "train", "--preset", "small", "--config", str(y),
+                          "--steps", "9", "--print-config"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    cfg = yaml.safe_load(res.stdout)
+    small = run_preset("small")
+    assert cfg["model"]["n_layers"] == small.model.n_layers == 8       # from --preset small
+    assert cfg["model"]["moe"]["router"] == "xmoe" and cfg["train"]["lr"] == 0.01   # from the file
+    assert cfg["train"]["steps"] == 9                                   # the flag wins over the file
+
+
+@pytest.mark.parametrize("override,msg", [("model.moe.router_opts.proj_dim=abc", "expected an integer or null, got 'abc'"),
+                                          ("chunk_tokens=1.5", "expected an integer or null, got 1.5"),
+                                          ("n_shared=true", "expected an integer, got True")])
+def test_mistyped_overrides_are_one_line_errors(override, msg, tmp_path):
+    res = subprocess.run([sys.executable, "-m", "competesmoe.cli", "train", "--set", override, "--print-config"],
+                         capture_output=True, text=True)
+    assert res.returncode == 1 and msg in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
 
 
 def test_bad_yaml_config_is_a_clear_error(tmp_path):

@@ -1,13 +1,17 @@
 """`competesmoe <command>`: a thin dispatcher.
 
 Each command lives in its own module, which defines `add_arguments(parser)` and `main(args) -> int`.
-Modules are imported only when their command runs, so `competesmoe --help` stays fast.
+Modules are imported only when their command runs, so `competesmoe --help` stays fast. A
+`CompeteSMoEError` (bad input) becomes one line on stderr and exit code 1; other exceptions keep
+their traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+
+from .errors import CompeteSMoEError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("competesmoe.train.cli", "pre-train a language model with any router"),
@@ -16,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "analyze": ("competesmoe.analysis.cli", "routing analysis: ECR, agreement, entropy, top-(K+1) shift"),
     "compare": ("competesmoe.analysis.compare", "train several routers under identical settings and tabulate"),
     "theory": ("competesmoe.theory.cli", "simulate the convergence rates of Section 3"),
+    "upcycle": ("competesmoe.model.upcycle_cli", "turn a dense model (Hugging Face or model.dense) into an MoE"),
 }
 
 
@@ -32,7 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     cmd = argparse.ArgumentParser(prog=f"competesmoe {argv[0]}", description=COMMANDS[argv[0]][1],
                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     module.add_arguments(cmd)
-    return int(module.main(cmd.parse_args(argv[1:])) or 0)
+    args = cmd.parse_args(argv[1:])
+    try:
+        return int(module.main(args) or 0)
+    except CompeteSMoEError as e:  # bad input: one line; anything else is a bug and keeps its traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -14,10 +14,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from .errors import CompeteSMoEError
+
 C = TypeVar("C", bound="Config")
 
 
-class ConfigError(ValueError):
+class ConfigError(CompeteSMoEError, ValueError):
     """A configuration value is invalid; the message names the field and the problem."""
 
 
@@ -34,6 +36,7 @@ def check_choice(name: str, value: Any, choices: typing.Iterable[Any]) -> None:
 @dataclasses.dataclass
 class Config:
     def __post_init__(self) -> None:
+        _check_types(self)
         self.validate()
 
     def validate(self) -> None:  # overridden by subclasses
@@ -64,11 +67,7 @@ class Config:
 
     @classmethod
     def from_yaml(cls: type[C], path: str | Path) -> C:
-        try:
-            data = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"cannot read config {path}: {e}") from e
-        return cls.from_dict(data or {})
+        return cls.from_dict(read_yaml(path))
 
     def replace(self: C, **changes: Any) -> C:
         return dataclasses.replace(self, **changes)
@@ -94,23 +93,58 @@ def _leaf_paths(cfg: Config, prefix: str = "") -> dict[str, tuple[Config, str]]:
     return out
 
 
-def _parse_value(text: str, current: Any, hint: Any) -> Any:
-    value = yaml.safe_load(text) if text != "" else ""
+_TYPE_NAMES = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """`value` as the field type `hint` (int -> float widening only); ConfigError on a mismatch."""
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
     if value is None:
+        check(type(None) in args, "expected " + " or ".join(_TYPE_NAMES.get(a, getattr(a, "__name__", str(a)))
+                                                            for a in args) + ", got null")
         return None
-    if isinstance(current, bool) or hint is bool:
-        check(isinstance(value, bool), f"expected true/false, got {text!r}")
-        return value
-    if isinstance(current, (int, float)) and isinstance(value, str):
-        try:  # YAML reads "5e-3" as a string
-            value = float(value) if isinstance(current, float) else int(value)
+    for t in args:
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is str and isinstance(value, str):
+            return value
+        if isinstance(t, type) and issubclass(t, Config) and isinstance(value, t):
+            return value
+        if t is Any or typing.get_origin(t) in (dict, list) or t in (dict, list):
+            return value
+    names = [_TYPE_NAMES.get(a, getattr(a, "__name__", str(a))) for a in args if a is not type(None)]
+    raise ConfigError(f"expected {' or '.join(names)}{' or null' if type(None) in args else ''}, got {value!r}")
+
+
+def _check_types(cfg: Config) -> None:
+    """Check (and widen int -> float) every field against its type hint, naming the field on error."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        try:
+            object.__setattr__(cfg, f.name, _coerce(getattr(cfg, f.name), hints[f.name]))
+        except ConfigError as e:
+            raise ConfigError(f"{type(cfg).__name__}.{f.name}: {e}") from None
+
+
+def _parse_value(text: str, hint: Any) -> Any:
+    """A command-line value: YAML syntax, then checked against the field's type."""
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        value = text
+    plain = [a for a in (typing.get_args(hint) or (hint,)) if a is not type(None)]
+    if plain == [str] and value is not None:
+        return text  # a string field takes the text as it is ("3", "true")
+    if isinstance(value, str) and float in plain:
+        try:  # YAML 1.1 reads "5e-3" as a string
+            value = float(value)
         except ValueError:
-            raise ConfigError(f"expected a number, got {text!r}") from None
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(current, str) and not isinstance(value, str):
-        return str(text)
-    return value
+            pass
+    return _coerce(value, hint)
 
 
 def apply_overrides(cfg: C, overrides: typing.Iterable[str] | dict[str, Any]) -> C:
@@ -123,12 +157,30 @@ def apply_overrides(cfg: C, overrides: typing.Iterable[str] | dict[str, Any]) ->
         owner, name = leaves[path]
         hint = typing.get_type_hints(type(owner))[name]
         try:
-            value = _parse_value(raw, getattr(owner, name), hint) if isinstance(raw, str) else raw
+            value = _parse_value(raw, hint) if isinstance(raw, str) else _coerce(raw, hint)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
         object.__setattr__(owner, name, value)
     _revalidate(cfg)
     return cfg
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: a nested config mapping as dotted-path overrides."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from a file; ConfigError naming the file when it cannot be read or is not a mapping."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read config {path}: {e}") from e
+    check(isinstance(data or {}, dict), f"config {path}: expected a mapping at the top level")
+    return data or {}
 
 
 def _split(item: str) -> tuple[str, str]:
@@ -155,6 +207,7 @@ def _revalidate(cfg: Config) -> None:
         value = getattr(cfg, f.name)
         if isinstance(value, Config):
             _revalidate(value)
+    _check_types(cfg)
     cfg.validate()
 
 

@@ -17,11 +17,13 @@ import json
 import zlib
 from pathlib import Path
 
+from ..errors import CompeteSMoEError
+
 SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
 ERRORS = ("strict", "replace")
 
 
-class DataError(ValueError):
+class DataError(CompeteSMoEError, ValueError):
     """Unusable input data; the message names the file (and line) and the problem."""
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import CompeteSMoEError
+
 DEFAULT_DATA_DIR = Path("../shared/data/eval")
 FILES = {
     "lambada": "lambada_openai.jsonl",
@@ -26,7 +28,7 @@ FILES = {
 MULTIPLE_CHOICE_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag")
 
 
-class TaskDataError(ValueError):
+class TaskDataError(CompeteSMoEError, ValueError):
     """A benchmark file is missing, empty or malformed."""
 
 

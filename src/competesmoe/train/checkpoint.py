@@ -4,6 +4,7 @@ A checkpoint is a folder `RUN/checkpoints/step_00000100/` holding
   model.safetensors   the model weights
   trainer.pt          optimizer, competition schedule, RNG states, data position, counters
   config.yaml         the full run config
+  tokenizer.json      the tokenizer (so a checkpoint is self-contained)
   manifest.json       written last: size and SHA-256 of each file above
 It is written into a temporary folder, every file fsynced, then renamed into place, so a crash leaves
 either a complete checkpoint or an ignored `.tmp-*` folder. `latest_good` walks back from the newest
@@ -22,12 +23,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import CompeteSMoEError
+
 FILES = ("model.safetensors", "trainer.pt", "config.yaml")
 PREFIX = "step_"
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(CompeteSMoEError, RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt or from another configuration."""
 
 
 def _sha256(path: Path) -> str:
@@ -58,7 +61,7 @@ def step_dir(ckpt_root: Path, step: int) -> Path:
 
 
 def save(ckpt_root: str | Path, step: int, model_state: dict[str, torch.Tensor], trainer_state: dict,
-         config_yaml: str, keep_last: int | None = None) -> Path:
+         config_yaml: str, keep_last: int | None = None, tokenizer_json: str | None = None) -> Path:
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
     final = step_dir(root, step)
@@ -79,7 +82,11 @@ def save(ckpt_root: str | Path, step: int, model_state: dict[str, torch.Tensor],
     torch.save(trainer_state, buf)
     _fsync_write(tmp / "trainer.pt", buf.getvalue())
     _fsync_write(tmp / "config.yaml", config_yaml.encode())
-    manifest = {"step": step, "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in FILES}}
+    names = list(FILES)
+    if tokenizer_json is not None:
+        _fsync_write(tmp / "tokenizer.json", tokenizer_json.encode())
+        names.append("tokenizer.json")
+    manifest = {"step": step, "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in names}}
     _fsync_write(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
     _fsync_dir(tmp)
     if final.exists():  # never overwrite: keep whatever was there (e.g. a corrupt one) aside

@@ -2,17 +2,17 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from ..config import ConfigError, ROUTERS
+from ..config import ROUTERS, apply_overrides, flatten, read_yaml
 from .config import RUN_PRESETS, RunConfig, run_preset
-from .loop import Trainer, TrainingError, dump_summary
+from .loop import Trainer, dump_summary
 from .metrics import plot_validation
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="tiny", choices=sorted(RUN_PRESETS), help="model + training preset")
-    p.add_argument("--config", help="a YAML RunConfig (model/data/train sections); presets and flags apply on top")
+    p.add_argument("--config", help="a YAML RunConfig (model/data/train sections, any subset): applied on top of --preset; "
+                        "flags and --set apply on top of it")
     p.add_argument("--router", choices=ROUTERS, help="router policy of every MoE layer")
     p.add_argument("--data", help="training text: .txt/.jsonl(.gz) file or folder, or hf:NAME (default: synthetic)")
     p.add_argument("--valid", help="validation text (default: a held-out part of --data)")
@@ -28,25 +28,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace) -> RunConfig:
-    cfg = RunConfig.from_yaml(args.config) if args.config else run_preset(args.preset)
+    """The preset, then the --config YAML's values, then the flags, then --set (each on top of the last)."""
+    cfg = run_preset(args.preset)
+    if args.config:
+        cfg = apply_overrides(cfg, flatten(read_yaml(args.config)))
     flags = {"router": args.router, "data.train": args.data, "data.valid": args.valid, "train.steps": args.steps,
              "train.out_dir": args.out, "train.device": args.device, "train.precision": args.precision}
-    from ..config import apply_overrides
     cfg = apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None})
     return apply_overrides(cfg, args.overrides)
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        cfg = build_config(args)
-        if args.print_config:
-            print(cfg.to_yaml(), end="")
-            return 0
-        trainer = Trainer(cfg, resume=args.resume)
-        summary = trainer.train()
-    except (ConfigError, TrainingError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    cfg = build_config(args)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    trainer = Trainer(cfg, resume=args.resume)
+    summary = trainer.train()
     dump_summary(summary, trainer.out)
     plot = plot_validation(trainer.out, cfg.tokens_per_step)
     print(f"final validation perplexity: {summary['val_ppl']:.2f} (loss {summary['val_loss']:.4f}) "

@@ -21,17 +21,18 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..config import ConfigError
+from ..config import ConfigError, flatten
+from ..errors import CompeteSMoEError
 from ..data import prepare_data
 from ..model import MoETransformer
 from ..moe import CompetitionSchedule, attach_schedule, on_optimizer_step
 from . import checkpoint as ckpt
 from .config import RunConfig
-from .metrics import MetricsLogger, step_metrics
+from .metrics import MetricsLogger, micro_metrics, step_metrics
 
 
-class TrainingError(RuntimeError):
-    pass
+class TrainingError(CompeteSMoEError, RuntimeError):
+    """Training cannot go on (non-finite losses, a run folder that would be overwritten, ...)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -93,13 +94,17 @@ class Trainer:
         self.batches = self.data.train_batches(t.batch_size, seed=cfg.data.seed)
         self.step, self.nan_skipped, self.consecutive_nan = 0, 0, 0
         self.last_val: dict | None = None
-        self.metrics = MetricsLogger(self.out, tensorboard=t.tensorboard)
+        if resume:  # refuses a checkpoint of another config before anything in the run folder changes
+            self._restore()
 
         self.out.mkdir(parents=True, exist_ok=True)
         self.data.tokenizer.save(str(self.out / "tokenizer.json"))
         cfg.to_yaml(self.out / "config.yaml")
-        if resume:
-            self._restore()
+        self.metrics = MetricsLogger(self.out, tensorboard=t.tensorboard)
+        total, active = self.model.num_parameters(), self.model.num_parameters(active=True)
+        log(f"model: {total:,} parameters, {active:,} active per token "
+            f"({cfg.model.n_layers} layers, {cfg.model.moe.router}, {cfg.model.moe.n_experts} experts, "
+            f"K={cfg.model.moe.top_k})")
 
     # --- setup ------------------------------------------------------------------------------------
     def _optimizer(self) -> torch.optim.Optimizer:
@@ -127,15 +132,8 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.model.train()
-            outs, loss_sum = [], 0.0
-            for _ in range(t.grad_accum):
-                batch = next(self.batches).to(self.device)
-                with self._autocast():
-                    out = self.model(batch[:, :-1], batch[:, 1:])
-                (out.loss / t.grad_accum).backward()
-                outs.append(out)
-                loss_sum += out.loss.detach()
-            loss = loss_sum / t.grad_accum
+            micro = [self._micro_step() for _ in range(t.grad_accum)]   # detached scalars only
+            loss = sum(m["loss"] for m in micro) / t.grad_accum
             grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip) if t.grad_clip > 0
                          else torch.sqrt(sum(p.grad.square().sum() for p in self.model.parameters() if p.grad is not None)))
             finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
@@ -151,7 +149,7 @@ class Trainer:
 
             if self.step % t.log_every == 0 or self.step == t.steps:
                 elapsed, tic = time.perf_counter() - tic, time.perf_counter()
-                m = step_metrics(outs, loss, grad_norm, lr)
+                m = step_metrics(micro, grad_norm, lr)
                 m["tokens_per_s"] = tokens_per_step * t.log_every / elapsed if self.step % t.log_every == 0 else None
                 m["nan_skipped"] = self.nan_skipped
                 self.metrics.log(self.step, m)
@@ -168,6 +166,15 @@ class Trainer:
         self.metrics.close()
         final = self.last_val if self.last_val is not None else self.evaluate()
         return {"step": self.step, **final, "nan_skipped": self.nan_skipped, "out_dir": str(self.out)}
+
+    def _micro_step(self) -> dict[str, torch.Tensor]:
+        """Forward + backward of one micro-batch; returns detached scalars, so no micro-batch's
+        activations or logits outlive its backward (memory does not grow with grad_accum)."""
+        batch = next(self.batches).to(self.device)
+        with self._autocast():
+            out = self.model(batch[:, :-1], batch[:, 1:])
+        (out.loss / self.cfg.train.grad_accum).backward()
+        return micro_metrics(out)
 
     def _non_finite(self, loss: float) -> None:
         t = self.cfg.train
@@ -206,7 +213,7 @@ class Trainer:
                  "rng": rng_state(), "data": self.batches.state_dict(), "nan_skipped": self.nan_skipped,
                  "consecutive_nan": self.consecutive_nan, "version": __version__}
         return ckpt.save(self.ckpt_root, self.step, self.model.state_dict(), state, self.cfg.to_yaml(),
-                         keep_last=self.cfg.train.keep_last)
+                         keep_last=self.cfg.train.keep_last, tokenizer_json=self.data.tokenizer.to_str())
 
     def _restore(self) -> None:
         path = ckpt.latest_good(self.ckpt_root, log=self.log)
@@ -226,17 +233,10 @@ class Trainer:
         self.log(f"resumed from {path} at step {self.step}")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def check_same_model(cfg: RunConfig, saved_yaml: str, path) -> None:
     """A checkpoint only continues the run it came from: model and data-order settings must match."""
     import yaml
-    saved, now = _flatten(yaml.safe_load(saved_yaml)), _flatten(cfg.to_dict())
+    saved, now = flatten(yaml.safe_load(saved_yaml)), flatten(cfg.to_dict())
     keys = [k for k in now if k.startswith("model.")] + [f"train.{k}" for k in ("steps", "batch_size", "grad_accum", "seed")]
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in keys if saved.get(k) != now[k]]
     if diffs:

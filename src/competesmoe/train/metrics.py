@@ -12,26 +12,33 @@ from pathlib import Path
 import torch
 
 
-def routing_entropy(indices: torch.Tensor, n_experts: int) -> float:
+def routing_entropy(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
     """Entropy (nats) of the expert-selection frequency of one layer on one batch; max log N."""
     p = torch.bincount(indices.reshape(-1), minlength=n_experts).float()
     p = p / p.sum()
-    return float(-(p * p.clamp_min(1e-30).log()).sum())
+    return -(p * p.clamp_min(1e-30).log()).sum()
 
 
-def step_metrics(outs: list, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> dict:
-    """Average over micro-batches and layers of what the model reported for one optimizer step."""
-    m: dict[str, float | int | None] = {"loss": float(loss), "grad_norm": float(grad_norm), "lr": lr}
-    m["lm_loss"] = sum(float(o.lm_loss.detach()) for o in outs) / len(outs)
-    m["aux_loss"] = sum(float(o.aux_loss.detach()) for o in outs) / len(outs)
-    layers = [mo for o in outs for mo in o.moe]
-    keys = sorted({k for mo in layers for k in mo.stats})
-    for k in keys:
-        vals = [float(mo.stats[k]) for mo in layers if k in mo.stats]
-        m[k] = sum(vals) / len(vals)
+def micro_metrics(out) -> dict[str, torch.Tensor]:
+    """Detached scalars of one micro-batch's `LMOutput` (per-layer values averaged over layers)."""
+    layers = out.moe
+    m = {"loss": out.loss.detach(), "lm_loss": out.lm_loss.detach(), "aux_loss": out.aux_loss.detach()}
+    for k in sorted({k for mo in layers for k in mo.stats}):
+        vals = [mo.stats[k] for mo in layers if k in mo.stats]
+        m[k] = torch.stack(vals).mean()
     n_routed = layers[0].router_logits.shape[-1]
-    m["routing_entropy"] = sum(routing_entropy(mo.indices, n_routed) for mo in layers) / len(layers)
-    m["competing_layers"] = sum(mo.competed for mo in outs[0].moe)
+    m["routing_entropy"] = torch.stack([routing_entropy(mo.indices, n_routed) for mo in layers]).mean()
+    m["competing_layers"] = torch.tensor(sum(mo.competed for mo in layers))
+    return m
+
+
+def step_metrics(micro: list[dict[str, torch.Tensor]], grad_norm: torch.Tensor, lr: float) -> dict:
+    """Average over micro-batches of `micro_metrics` for one optimizer step."""
+    m: dict[str, float | int | None] = {"grad_norm": float(grad_norm), "lr": lr}
+    for k in micro[0]:
+        vals = [float(mm[k]) for mm in micro if k in mm]
+        m[k] = sum(vals) / len(vals)
+    m["competing_layers"] = int(micro[0]["competing_layers"])
     return m
 
 

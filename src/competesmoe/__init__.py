@@ -4,6 +4,10 @@ from .config import (CompetitionConfig, ConfigError, LossConfig, MoEConfig, Rout
 from .moe import (MoE, MoEOutput, CompetitionSchedule, attach_schedule, moe_layers, on_optimizer_step)
 
 __version__ = "0.1.0"
+
+# Registers the model types "competesmoe" and "competesmoe_upcycled" with transformers' Auto classes, so
+# that `AutoModelForCausalLM.from_pretrained(folder)` works after `import competesmoe`.
+from .model import hf as _hf, upcycle as _upcycle  # noqa: E402,F401
 __all__ = ["MoE", "MoEConfig", "MoEOutput", "RouterConfig", "CompetitionConfig", "LossConfig",
            "ScheduleConfig", "CompetitionSchedule", "attach_schedule", "on_optimizer_step", "moe_layers",
            "apply_overrides", "ConfigError"]

@@ -35,7 +35,17 @@ class ModelConfig(Config):
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
     aux_reduction: str = "sum"      # how the layers' aux losses combine: "sum" (Eq. (5) per layer) or "mean"
+    dense: bool = False             # a dense FFN of the MoE's active width (K·d_expert) in every block
     moe: MoEConfig = field(default_factory=lambda: MoEConfig(d_model=128, d_expert=64, n_experts=16, top_k=4))
+
+    @property
+    def block_moe(self) -> MoEConfig:
+        """The blocks' layer: `moe`, or with `dense` a one-expert MoE of width K·d_expert (its router weight is
+        exactly 1, so it is a dense FFN, and every tool that reads MoE outputs works unchanged)."""
+        if not self.dense:
+            return self.moe
+        return dataclasses.replace(self.moe, n_experts=1, top_k=1, d_expert=self.moe.top_k * self.moe.d_expert,
+                                   router="smoe")
 
     @property
     def head_dim(self) -> int:
@@ -119,7 +129,7 @@ class Block(nn.Module):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
         self.attn = Attention(cfg)
-        self.moe = MoE(cfg.moe)
+        self.moe = MoE(cfg.block_moe)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x_BSD, pos_S, cache=None, compete=None):
@@ -176,7 +186,7 @@ class MoETransformer(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         if not active:
             return total
-        m = self.cfg.moe
+        m = self.cfg.block_moe
         per_expert = sum(p[0].numel() for p in self.blocks[0].moe.experts.parameters())
         return total - self.cfg.n_layers * per_expert * (m.n_routed - m.k_routed)
 

@@ -1,10 +1,11 @@
-"""CompetitionSchedule invariants (SPEC §5, Appendix C) as property tests."""
+"""CompetitionSchedule (Section 2.4, Appendix C): invariants as property tests, placement vs a naive reference."""
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 from competesmoe import CompetitionSchedule, ConfigError, MoE, MoEConfig, attach_schedule, on_optimizer_step
+from competesmoe.moe.schedule import place
 
 params = st.tuples(st.integers(1, 12), st.integers(1, 400), st.floats(0.0, 1.0), st.integers(1, 5),
                    st.floats(0.0, 0.9), st.integers(0, 2**31 - 1))
@@ -58,16 +59,56 @@ def test_expected_count_is_omega_times_steps(L, T, omega, warmup):
     assert abs(int(s.table.sum()) - expected) < 4 * sd      # no drops: A_max >= L
 
 
-def test_redistribution_moves_to_nearest_free_step():
-    s = CompetitionSchedule(3, 2000, omega=0.3, a_max=1, seed=0)
-    rng = np.random.default_rng(0)
-    draws = rng.random((3, 2000)) < 0.3
-    assert s.table.sum(axis=0).max() == 1
-    # Layer 0 is placed first, exactly where it was drawn.
-    assert np.array_equal(s.table[0], draws[0])
-    # Every activation of a later layer lies on a step that was free when it was placed.
-    assert s.table.sum() <= draws.sum()
-    assert s.table.sum() > draws[0].sum()
+def naive_place(draws: np.ndarray, a_max: int, warmup: int) -> np.ndarray:
+    """Appendix C read literally: layer by layer, step by step; a capped draw is deferred to the next step
+    with room that this layer does not already use, else the latest such step before it, else dropped."""
+    L, T = draws.shape
+    table = np.zeros((L, T), dtype=bool)
+    for l in range(L):
+        for t in range(warmup, T):
+            if not draws[l, t]:
+                continue
+            free = [u for u in range(T) if u >= warmup and table[:, u].sum() < a_max and not table[l, u]]
+            later = [u for u in free if u >= t]
+            earlier = [u for u in free if u < t]
+            if later:
+                table[l, min(later)] = True
+            elif earlier:
+                table[l, max(earlier)] = True
+    return table
+
+
+def test_a_capped_draw_is_deferred_to_the_next_free_step():
+    draws = np.zeros((3, 6), dtype=bool)
+    draws[0, 2] = draws[1, 2] = True          # A_max = 1: layer 1 cannot join layer 0 at step 2
+    assert np.argwhere(place(draws, a_max=1)).tolist() == [[0, 2], [1, 3]]   # the next step, not step 1
+    draws[2, [2, 3]] = True                   # steps 2 and 3 are full: layer 2 goes to 4, then 5
+    assert np.argwhere(place(draws, a_max=1)[2]).ravel().tolist() == [4, 5]
+    late = np.zeros((2, 4), dtype=bool)
+    late[:, 3] = True                         # nothing after the last step: back to the latest free one
+    assert np.argwhere(place(late, a_max=1)).tolist() == [[0, 3], [1, 2]]
+    own = np.zeros((2, 5), dtype=bool)
+    own[0, 1] = own[1, [1, 2]] = True         # layer 1 already uses step 2: its capped draw lands on 3
+    assert np.argwhere(place(own, a_max=1)[1]).ravel().tolist() == [2, 3]
+    full = np.ones((3, 2), dtype=bool)        # 6 draws, room for 2: the rest are dropped
+    assert place(full, a_max=1).sum() == 2
+    assert not place(draws, a_max=1, warmup_steps=3)[:, :3].any()  # warm-up draws are ignored
+
+
+@settings(max_examples=60, deadline=None)
+@given(L=st.integers(1, 5), T=st.integers(1, 30), a_max=st.integers(1, 3), omega=st.floats(0, 1),
+       warmup=st.integers(0, 5), seed=st.integers(0, 10_000))
+def test_placement_equals_the_naive_reading_of_appendix_c(L, T, a_max, omega, warmup, seed):
+    draws = np.random.default_rng(seed).random((L, T)) < omega
+    warmup = min(warmup, T - 1)
+    assert np.array_equal(place(draws, a_max, warmup), naive_place(draws, a_max, warmup))
+
+
+def test_schedule_table_is_the_placement_of_its_own_draws():
+    s = CompetitionSchedule(3, 2000, omega=0.3, a_max=1, warmup=0.1, seed=0)
+    draws = np.random.default_rng(0).random((3, 2000)) < 0.3
+    assert np.array_equal(s.table, naive_place(draws, 1, 200))
+    assert np.array_equal(s.table[0], draws[0] & (np.arange(2000) >= 200))  # layer 0 is never moved
 
 
 def test_saturated_schedule_fills_every_step_quickly():

@@ -1,8 +1,10 @@
-"""The competition schedule Λ[l, t] (Sections 2.3.2, 2.4 and Appendix C; SPEC §5).
+"""The competition schedule Λ[l, t] (Sections 2.3.2, 2.4 and Appendix C).
 
 Built once, before training, from its own seeded generator: each layer competes at each step with
-probability ω; a step never has more than A_max competing layers (an activation that would exceed it
-moves to the nearest free step t−1, t+1, t−2, t+2, … or is dropped). Warm-up steps and steps past the
+probability ω; a step never has more than A_max competing layers. An activation that would exceed it is
+deferred to the next free step (Section 2.4: "deferred to perform competition in the next step"):
+t+1, t+2, …; only when no later step is free does it go back to the latest free earlier step (Eq. (12)
+allows any t' ≠ t), and when no step is free it is dropped. Warm-up steps and steps past the
 planned total never compete. The schedule also counts optimizer steps, so every micro-batch of one
 optimizer step sees the same decision.
 """
@@ -65,31 +67,50 @@ class CompetitionSchedule:
 
 
 def _build_table(L: int, T: int, omega: float, a_max: int, warmup_steps: int, seed: int) -> np.ndarray:
-    """Appendix C: Bernoulli(ω) per (layer, step), then the A_max redistribution, layers in order."""
+    """Appendix C: Bernoulli(ω) per (layer, step), then the A_max redistribution."""
     rng = np.random.default_rng(seed)
     draws = rng.random((L, T)) < omega
-    draws[:, :warmup_steps] = False
+    return place(draws, a_max, warmup_steps)
+
+
+def place(draws: np.ndarray, a_max: int, warmup_steps: int = 0) -> np.ndarray:
+    """Eqs. (11)-(12): layers in order, each draw at its own step if fewer than A_max earlier layers compete
+    there, else at the first free step after it (then the last free one before it); dropped when none is free.
+    Free: fewer than A_max layers and this layer not already there. Draws inside the warm-up are ignored."""
+    L, T = draws.shape
     table = np.zeros((L, T), dtype=bool)
     per_step = np.zeros(T, dtype=np.int64)
-    capacity, placed = a_max * (T - warmup_steps), 0
+    # Skip lists over full steps (union-find with path halving): after[t] leads to the first step >= t
+    # with room (T: none), before[t + 1] to the last step <= t with room (-1 + 1 = 0: none).
+    after = np.arange(T + 1)
+    before = np.arange(T + 1)
+
+    def first_open(t: int) -> int:
+        while after[t] != t:
+            after[t] = after[after[t]]
+            t = after[t]
+        return t
+
+    def last_open(t: int) -> int:  # in shifted indices: returns s with step s - 1 open, 0 for none
+        while before[t] != t:
+            before[t] = before[before[t]]
+            t = before[t]
+        return t
+
     for l in range(L):
-        for t in np.flatnonzero(draws[l]):
-            if placed == capacity:  # every step is full: the rest are dropped
-                return table
-            for cand in _nearest(int(t), warmup_steps, T):
-                if per_step[cand] < a_max and not table[l, cand]:
-                    table[l, cand] = True
-                    per_step[cand] += 1
-                    placed += 1
-                    break
+        for t in np.flatnonzero(draws[l, warmup_steps:]) + warmup_steps:
+            cand = first_open(int(t))
+            while cand < T and table[l, cand]:
+                cand = first_open(cand + 1)
+            if cand == T:  # nothing free later: the latest free step before t
+                cand = last_open(int(t)) - 1
+                while cand >= warmup_steps and table[l, cand]:
+                    cand = last_open(cand) - 1
+                if cand < warmup_steps:
+                    continue  # dropped
+            table[l, cand] = True
+            per_step[cand] += 1
+            if per_step[cand] == a_max:
+                after[cand] = cand + 1
+                before[cand + 1] = cand
     return table
-
-
-def _nearest(t: int, lo: int, hi: int):
-    """t, t−1, t+1, t−2, t+2, … restricted to [lo, hi)."""
-    yield t
-    for d in range(1, max(t - lo, hi - t) + 1):
-        if t - d >= lo:
-            yield t - d
-        if t + d < hi:
-            yield t + d

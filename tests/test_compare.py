@@ -115,3 +115,14 @@ def test_compare_reports_skips_finished_runs_and_resumes(tmp_path, monkeypatch):
     run_compare("smoe", [1], "tiny", base, out, analysis_tokens=64, log=lambda *_: None)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["resumed"] is True and summary["step"] == 4
+
+
+def test_table7_diversity_without_competition_is_a_compare_variant(tmp_path):
+    """Table 7, CM ✗ DL ✓: `smoe:router_diversity=true` (no schedule, β·L_div on the router's top-K)."""
+    v = parse_variant("smoe:router_diversity=true")
+    cfg = run_config("tiny", [], v, seed=1, out_dir=tmp_path)
+    assert cfg.model.moe.router == "smoe" and cfg.model.moe.competition.router_diversity is True
+    model = MoETransformer(cfg.model).train()
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 16))
+    out = model(ids, ids)
+    assert all("diversity" in o.stats and not o.competed for o in out.moe)

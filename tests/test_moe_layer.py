@@ -226,6 +226,26 @@ def test_competition_aux_loss_is_gamma_distill_plus_beta_diversity(distill):
     assert out.stats["distill"].item() == pytest.approx(l_d, rel=1e-4)
 
 
+def test_router_diversity_adds_beta_diversity_of_the_routers_top_k_every_step():
+    """Table 7's "diversity loss without competition": β·L_div on the router's own top-K outputs."""
+    cfg = MoEConfig(d_model=8, d_expert=4, n_experts=6, top_k=3, router="smoe", losses=LossConfig(balance="none"),
+                    competition=CompetitionConfig(router_diversity=True, beta=0.2))
+    moe = MoE(cfg).train()
+    _randomize(moe)
+    x = torch.randn(10, 8)
+    out = moe(x)
+    assert not out.competed
+    _, idx, _ = ref.router_reference("smoe", moe.router, x, 3, cfg.router_opts)
+    outs = torch.stack([torch.stack([ref.expert_out(moe.experts, e, x[t]) for e in idx[t]]) for t in range(10)])
+    assert out.aux_loss.item() == pytest.approx(0.2 * ref.diversity_reference(outs), rel=1e-4)
+    g_w1 = torch.autograd.grad(out.aux_loss, moe.experts.w1)[0]
+    chosen = set(int(e) for row in idx for e in row)
+    assert all((g_w1[e].abs().sum() > 0) == (e in chosen) for e in range(6))   # it reaches the chosen experts
+    assert moe.eval()(x).aux_loss.item() == 0.0                                  # training only
+    plain = MoE(cfg.replace(competition=CompetitionConfig(beta=0.2))).train()
+    assert plain(x).aux_loss.item() == 0.0                                        # off by default
+
+
 def test_losers_and_router_get_no_task_gradient_on_competition_step():
     moe = _competesmoe()
     x = torch.randn(4, 8)

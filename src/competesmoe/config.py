@@ -255,6 +255,8 @@ class CompetitionConfig(Config):
     beta: float = 0.005             # weight of L_div in Eq. (5)
     detach_router_off_competition: bool = False  # router gets no task gradient after warm-up
     competition_forward: bool = True  # False: output uses the router even on competition steps
+    router_diversity: bool = False    # β·L_div on the router's own top-K every training step, any router
+                                      # (Table 7's "diversity loss without competition" with router smoe)
     chunk_tokens: int | None = None   # tokens per chunk of the all-expert pass (None: automatic)
     eps: float = 1e-6                 # affinities are clamped to >= eps before normalising
 

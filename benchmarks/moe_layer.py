@@ -12,7 +12,7 @@ Reported, each a median over --repeats timed runs after warm-up, ratios from the
   2. speed-up over transformers' MixtralSparseMoeBlock with the same weights (each experts implementation)
   3. competition step / normal step, against the bound (N + 3K) / (3K)
   4. peak memory of a competition step / a normal step (CPU: peak resident memory, VmHWM, of a fresh
-     process, reset before the step and checked on a known allocation; CUDA: allocator)
+     process, reset before the step and checked on a known allocation, median of 3 processes; CUDA: allocator)
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 
@@ -181,19 +182,27 @@ def memory_probe(shape, dtype_name, device, tokens, compete: bool) -> dict:
     return {"peak_MiB": cpu_peak_mib(run), "calibration_MiB": calib}
 
 
-def memory_ratio(shape, dtype_name, device, tokens) -> dict:
+def memory_ratio(shape, dtype_name, device, tokens, probes: int = 3) -> dict:
     if device == "cuda":
         normal = memory_probe(shape, dtype_name, device, tokens, False)["peak_MiB"]
         compete = memory_probe(shape, dtype_name, device, tokens, True)["peak_MiB"]
+        runs = {"normal": [normal], "compete": [compete]}
     else:  # a fresh process each, so that the allocator's state belongs to that step alone
         def child(c):
             out = subprocess.run([sys.executable, __file__, "--_memprobe", shape, dtype_name, str(tokens), str(int(c)),
                                   "--threads", str(torch.get_num_threads())],
                                  check=True, capture_output=True, text=True)
             return json.loads(out.stdout.strip().splitlines()[-1])["peak_MiB"]
-        normal, compete = child(False), child(True)
+        # Median of several probes: with 2+ threads, glibc's per-thread arenas now and then keep a few
+        # hundred MiB more resident in one process than in the next.
+        runs = {"normal": [], "compete": []}
+        for _ in range(probes):
+            runs["normal"].append(child(False))
+            runs["compete"].append(child(True))
+        normal, compete = statistics.median(runs["normal"]), statistics.median(runs["compete"])
     check_distinct_probes(normal, compete, f"{shape} {dtype_name}")
-    return {"normal_MiB": normal, "compete_MiB": compete, "memory_ratio": compete / normal}
+    return {"normal_MiB": normal, "compete_MiB": compete, "memory_ratio": compete / normal,
+            "normal_MiB_runs": runs["normal"], "compete_MiB_runs": runs["compete"]}
 
 
 def check_distinct_probes(normal: float, compete: float, what: str) -> None:

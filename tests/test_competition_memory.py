@@ -10,6 +10,7 @@ import torch
 
 from competesmoe import MoE, MoEConfig
 from competesmoe.moe import competition as comp
+from competesmoe.moe.experts import Experts
 
 import reference as ref
 
@@ -127,3 +128,27 @@ def test_blockwise_gradcheck_float64(monkeypatch):
 def test_rowwise_refuses_constants_that_need_a_gradient():
     with pytest.raises(ValueError, match="must not require a gradient"):
         comp.affinity(torch.randn(3, 4), "softmax", torch.randn(3, 4, requires_grad=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kappa", ["softplus", "relu", "norm", "softmax"])
+def test_winners_outputs_equal_the_separate_functions(monkeypatch, dtype, kappa):
+    """One block-wise pass = Experts.combine(out, winner_weights(affinity(out))) and diversity_loss(out)."""
+    monkeypatch.setitem(comp._BLOCK_ELEMENTS, "cpu", 2 * 3 * 5)    # blocks of 2 tokens
+    out = torch.randn(9, 3, 5).to(dtype)
+    lse = torch.randn(9, 5) if kappa == "softmax" else None
+    g_y, g_s = torch.randn(9, 5), torch.randn(9, 3)
+
+    def grads(fused: bool):
+        o = out.clone().requires_grad_()
+        if fused:
+            y, s, div = comp.winners_outputs(o, kappa, 1e-6, lse)
+        else:
+            s = comp.winner_weights(comp.affinity(o, kappa, None if lse is None else lse[:, None, :]), 1e-6)
+            y, div = Experts.combine(o, s), comp.diversity_loss(o)
+        ((y.float() * g_y).sum() + (s * g_s).sum() + 3 * div).backward()
+        return y, s, div, o.grad
+
+    for got, want in zip(grads(True), grads(False)):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-6)

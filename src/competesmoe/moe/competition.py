@@ -22,31 +22,45 @@ _BLOCK_DEFAULT = 1 << 24
 
 
 class _RowwiseRecompute(torch.autograd.Function):
-    """y = fn(x, *consts) block by block along dim 0; backward recomputes fn per block (no saved temporaries)."""
+    """fn(x, *consts) block by block along dim 0; backward recomputes fn per block (no saved temporaries).
+
+    fn returns one tensor or a tuple of tensors, each with the rows of x along dim 0.
+    """
 
     @staticmethod
     def forward(ctx, fn, rows: int, x, *consts):
         ctx.fn, ctx.rows = fn, rows
         ctx.save_for_backward(x, *consts)
-        return torch.cat([fn(xb, *cb) for xb, *cb in zip(x.split(rows), *(c.split(rows) for c in consts))])
+        return _blocks(fn, rows, x, consts)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
+    def backward(ctx, *g):
         x, *consts = ctx.saved_tensors
-        gx = torch.empty_like(x)
+        gx = torch.empty_like(x)           # the only full-size buffer: one gradient for every output
         for i in range(0, x.shape[0], ctx.rows):
             with torch.enable_grad():
                 xb = x[i:i + ctx.rows].detach().requires_grad_()
                 yb = ctx.fn(xb, *(c[i:i + ctx.rows] for c in consts))
-                gx[i:i + ctx.rows] = torch.autograd.grad(yb, xb, g[i:i + ctx.rows])[0]
+                yb = yb if isinstance(yb, tuple) else (yb,)
+                used = [(y, gi[i:i + ctx.rows]) for y, gi in zip(yb, g) if y.requires_grad]
+                gb = torch.autograd.grad([y for y, _ in used], xb, [gi for _, gi in used], allow_unused=True)[0]
+            gx[i:i + ctx.rows] = 0 if gb is None else gb
         return (None, None, gx) + (None,) * len(consts)
 
 
-def rowwise(fn, x: torch.Tensor, *consts: torch.Tensor) -> torch.Tensor:
+def _blocks(fn, rows, x, consts):
+    outs = [fn(xb, *cb) for xb, *cb in zip(x.split(rows), *(c.split(rows) for c in consts))]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outs))
+    return torch.cat(outs)
+
+
+def rowwise(fn, x: torch.Tensor, *consts: torch.Tensor):
     """fn applied to blocks of rows of x (dim 0) with the matching rows of `consts` (no gradient for them).
 
-    fn must treat rows independently. With a gradient, only x and consts are kept for backward.
+    fn must treat rows independently and may return a tuple. With a gradient, only x and consts are kept
+    for backward, and backward materialises a single gradient of x's size.
     """
     if any(c.requires_grad for c in consts):
         raise ValueError("rowwise: the constant inputs must not require a gradient")
@@ -54,8 +68,30 @@ def rowwise(fn, x: torch.Tensor, *consts: torch.Tensor) -> torch.Tensor:
     rows = max(1, _BLOCK_ELEMENTS.get(x.device.type, _BLOCK_DEFAULT) // row)
     with torch.autocast(x.device.type, enabled=False):   # explicit float32 inside fn; same in backward
         if not (torch.is_grad_enabled() and x.requires_grad):
-            return torch.cat([fn(xb, *cb) for xb, *cb in zip(x.split(rows), *(c.split(rows) for c in consts))])
+            return _blocks(fn, rows, x, consts)
         return _RowwiseRecompute.apply(fn, rows, x, *consts)
+
+
+def winners_outputs(out_TKD: torch.Tensor, kappa: str, eps: float, lse_TD: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The competition's differentiable part on the winners' outputs, in one block-wise pass:
+    y_TD = Σ_k s_k g_k(x) (step 4), s_TK = winner_weights(affinity) (step 3), and the diversity loss (Eq. (3)).
+
+    Same values and gradients as `Experts.combine`, `winner_weights(affinity(..))` and `diversity_loss`
+    called one by one, but out_TKD gets one gradient buffer instead of three.
+    """
+    if kappa == "softmax" and lse_TD is None:
+        raise ValueError("kappa='softmax' needs the log-normaliser over experts (lse_TD)")
+
+    def fn(o_TKD, *lse):
+        a_TK = _softmax_affinity(o_TKD, lse[0][:, None, :]) if lse else _affinity_rows(o_TKD, kappa)
+        s_TK = winner_weights(a_TK, eps)
+        y_TD = torch.bmm(s_TK.to(o_TKD.dtype).unsqueeze(1), o_TKD).squeeze(1)   # = Experts.combine
+        div_T = _diversity_rows(o_TKD) if o_TKD.shape[1] > 1 else o_TKD.new_zeros(o_TKD.shape[0], dtype=torch.float32)
+        return y_TD, s_TK, div_T
+
+    y_TD, s_TK, div_T = rowwise(fn, out_TKD, *(() if kappa != "softmax" else (lse_TD,)))
+    return y_TD, s_TK, div_T.mean()
 
 
 def affinity(out_XD: torch.Tensor, kappa: str, lse_XD: torch.Tensor | None = None) -> torch.Tensor:

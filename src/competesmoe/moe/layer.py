@@ -121,10 +121,10 @@ class MoE(nn.Module):
         win_TK = a_TN.topk(K, dim=-1).indices                                  # step 3: I_C
         # Recompute the winners with gradients; s_C is differentiable through their outputs.
         out_TKD = self.experts(x_TD, win_TK)
-        lse = None if lse_TD is None else lse_TD[:, None, :]
-        s_TK = comp.winner_weights(comp.affinity(out_TKD, cc.kappa, lse), cc.eps)
+        # s_C (step 3), y (step 4) and L_div (Eq. (3)) in one block-wise pass: no float32 copies of out_TKD
+        y_TD, s_TK, l_div = comp.winners_outputs(out_TKD, cc.kappa, cc.eps, lse_TD)
         if cc.competition_forward:
-            y_TD, idx_TK, w_TK = Experts.combine(out_TKD, s_TK), win_TK, s_TK    # step 4
+            idx_TK, w_TK = win_TK, s_TK                                          # step 4
         else:
             idx_TK, w_TK = routing.idx_TK, routing.w_TK
             y_TD = Experts.combine(self.experts(x_TD, idx_TK), w_TK)
@@ -133,7 +133,6 @@ class MoE(nn.Module):
         else:  # "reference": the released code distils toward softmax over all affinities
             target_TN = a_TN.softmax(dim=-1)
         l_distill = comp.distillation_loss(routing.logits_TN, target_TN, win_TK, cc.alpha)  # Eq. (2)
-        l_div = comp.diversity_loss(out_TKD)                                                # Eq. (3)
         agree = (routing.idx_TK[:, :, None] == win_TK[:, None, :]).any(-1).float().mean()
         stats.update(distill=l_distill.detach(), diversity=l_div.detach(),
                      agreement=agree, top1_agreement=(routing.idx_TK[:, 0] == win_TK[:, 0]).float().mean())

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -323,8 +324,17 @@ def upcycled_class(model_cls: type) -> type:
     ignore = list(getattr(base_cfg, "keys_to_ignore_at_inference", [])) + ["aux_loss"]
     cfg_cls = type(f"Upcycled{base_cfg.__name__}", (base_cfg,),
                    {"model_type": MODEL_TYPE, "keys_to_ignore_at_inference": ignore, "__module__": __name__})
+    def forward(self, *args: Any, **kwargs: Any):
+        return _UpcycledMixin.forward(self, *args, **kwargs)
+
+    # transformers' Trainer keeps only the dataset columns that forward's signature names: show the base's
+    sig = inspect.signature(model_cls.forward)
+    extra = inspect.Parameter("include_aux_loss", inspect.Parameter.KEYWORD_ONLY, default=None)
+    params = [p for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD]
+    params += [extra] + [p for p in sig.parameters.values() if p.kind == p.VAR_KEYWORD]
+    forward.__signature__ = sig.replace(parameters=params)
     new_cls = type(f"Upcycled{model_cls.__name__}", (_UpcycledMixin, model_cls),
-                   {"config_class": cfg_cls, "__module__": __name__})
+                   {"config_class": cfg_cls, "forward": forward, "__module__": __name__})
     for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
         mapping = auto._model_mapping
         if base_cfg in mapping and mapping[base_cfg] is model_cls:

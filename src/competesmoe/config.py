@@ -218,7 +218,7 @@ ROUTERS = ("smoe", "xmoe", "pcosine", "moeut", "sharede_v2", "sharede_v3", "comp
 ACTIVATIONS = ("relu", "gelu", "silu", "swiglu")
 KAPPAS = ("softplus", "silu", "sigmoid", "relu", "softmax", "norm")
 BALANCE_LOSSES = ("switch", "entropy", "none")
-BACKENDS = ("auto", "grouped_mm", "loop")
+BACKENDS = ("auto", "grouped_mm", "loop", "triton")
 
 
 @dataclasses.dataclass

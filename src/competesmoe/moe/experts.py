@@ -1,11 +1,16 @@
 """Expert weights and router-agnostic dispatch.
 
-`Experts` holds N feed-forward experts as stacked weights and applies them three ways:
+`Experts` holds N feed-forward experts as stacked weights and applies them four ways:
   * `forward(x_TD, idx_TK)`  -> out_TKD: expert idx[t, k] applied to token t (dropless, sparse);
+  * `mix(x_TD, idx_TK, w_TK)` -> y_TD:  the routing-weighted sum of those, Eq. (1);
   * `forward_all(x_TD)`      -> out_NTD: every expert on every token (competition, analysis);
-  * `combine(out_TKD, w_TK)` -> y_TD:   the routing-weighted sum.
-Sparse dispatch sorts the (token, choice) pairs by expert and runs one grouped matmul per weight
-(`torch.nn.functional.grouped_mm`) where device, dtype and strides allow it, else a loop over experts.
+  * `combine(out_TKD, w_TK)` -> y_TD:   the routing-weighted sum of given outputs.
+Sparse dispatch, by `backend`:
+  * "triton" (chosen by "auto" on CUDA when Triton is installed): fused gather → grouped GEMM → scatter
+    kernels with the routing weights folded into the second GEMM (`kernels/triton_moe.py`);
+  * "grouped_mm" (chosen by "auto" elsewhere where device, dtype and strides allow it): pairs sorted by
+    expert, one `torch.nn.functional.grouped_mm` per weight; the reference path, also on CPU;
+  * "loop": a loop over experts.
 
 Shapes: T tokens, D d_model, N experts, K choices per token, H expert width, M = T·K (pairs).
 """
@@ -77,8 +82,17 @@ class Experts(nn.Module):
         return out_NTD
 
     # --- sparse dispatch ---------------------------------------------------------------------------
+    def mix(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
+        """y_t = Σ_k w[t, k] · g_{idx[t, k]}(x_t)  (Eq. (1)), [T, D]."""
+        # A subclass that overrides `forward` (expert parallelism) keeps its own dispatch.
+        if type(self).forward is Experts.forward and self._use_triton(x_TD):
+            return self._triton(x_TD, idx_TK, w_TK)
+        return self.combine(self(x_TD, idx_TK), w_TK)
+
     def forward(self, x_TD: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:
         """Expert `idx_TK[t, k]` applied to token t: [T, K, D] (unweighted)."""
+        if self._use_triton(x_TD):
+            return self._triton(x_TD, idx_TK)
         T, K = idx_TK.shape
         dt = compute_dtype(x_TD)
         flat_M = idx_TK.reshape(-1)
@@ -100,6 +114,26 @@ class Experts(nn.Module):
         else:
             out_MD = self._loop(x_MD, w1, w2, b1, b2, counts_N.tolist())
         return out_MD.index_select(0, order_M.argsort()).view(T, K, -1)
+
+    def _use_triton(self, x_TD: torch.Tensor) -> bool:
+        if self.backend not in ("auto", "triton") or x_TD.shape[0] == 0:
+            return False
+        if self.backend == "auto" and x_TD.device.type != "cuda":
+            return False                       # CPU keeps the grouped_mm path (the reference)
+        from .kernels import triton_moe
+        ok = triton_moe is not None and triton_moe.available(x_TD.device)
+        if self.backend == "triton" and not ok:
+            why = "Triton is not installed" if triton_moe is None else (
+                f"device {x_TD.device.type} needs CUDA (or TRITON_INTERPRET=1 on CPU)")
+            raise RuntimeError(f"backend='triton' is not possible here: {why}; use 'auto'")
+        return ok
+
+    def _triton(self, x_TD, idx_TK, w_TK=None) -> torch.Tensor:
+        from .kernels import triton_moe
+        dt = compute_dtype(x_TD)
+        cast = [None if p is None else p.to(dt) for p in (self.w1, self.b1, self.w2, self.b2)]
+        with torch.autocast(x_TD.device.type, enabled=False):     # the kernels take the compute dtype
+            return triton_moe.fused_experts(x_TD.to(dt), *cast, idx_TK, self._act, w_TK)
 
     def _loop(self, x_MD, w1, w2, b1, b2, counts: list[int]) -> torch.Tensor:
         # split (not slicing): its backward concatenates the chunks' gradients instead of

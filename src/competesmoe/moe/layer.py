@@ -98,13 +98,15 @@ class MoE(nn.Module):
             idx_TK, w_TK = routing.idx_TK, routing.w_TK
             if cfg.competition.detach_router_off_competition and self.training and self._past_warmup():
                 w_TK = w_TK.detach()  # Eq. (5) read literally: the router learns from the competition only
-            out_TKD = self.experts(x_TD, idx_TK)
-            y_TD = Experts.combine(out_TKD, w_TK)
             if cfg.competition.router_diversity and self.training:
                 # Table 7 "CM ✗, DL ✓": Eq. (3) on the router's own top-K, every training step
+                out_TKD = self.experts(x_TD, idx_TK)
+                y_TD = Experts.combine(out_TKD, w_TK)
                 l_div = comp.diversity_loss(out_TKD)
                 stats["diversity"] = l_div.detach()
                 aux = aux + cfg.competition.beta * l_div
+            else:
+                y_TD = self.experts.mix(x_TD, idx_TK, w_TK)   # Eq. (1); fused kernels on CUDA
 
         if self.shared is not None:
             shared_TD = self.shared(x_TD)

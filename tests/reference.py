@@ -1,4 +1,4 @@
-"""Naive references for the tests: plain loops over tokens and experts, written from the paper/SPEC.
+"""Naive references for the tests: plain loops over tokens and experts, written from the paper's equations.
 
 Nothing here imports the library's math; only parameters are read from the modules under test.
 """

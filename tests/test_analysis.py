@@ -1,4 +1,5 @@
-"""Routing metrics (SPEC §6) on hand-made routings, the top-(K+1) shift, and `competesmoe analyze`."""
+"""Routing metrics (Section 5.2.2, Appendices F–G) on hand-made routings, the top-(K+1) shift, and
+`competesmoe analyze` against naive recomputations on a trained run."""
 import json
 import math
 
@@ -8,12 +9,12 @@ from torch import nn
 
 from competesmoe.analysis import metrics
 from competesmoe.analysis.analyze import analyze_checkpoints, checkpoint_paths, run_token_set
-from competesmoe.analysis.collect import collect, token_batches
+from competesmoe.analysis.collect import collect
 from competesmoe.analysis.shift import top_k_shift
 from competesmoe.cli import main as cli_main
 from competesmoe.config import MoEConfig
-from competesmoe.moe import MoE
-from competesmoe.train import Trainer, run_preset
+from competesmoe.moe import MoE, moe_layers
+from competesmoe.train import Trainer, load_trained, run_preset
 
 SMALL = ["model.n_layers=2", "model.d_model=64", "model.moe.d_model=64", "model.moe.d_expert=32",
          "model.moe.n_experts=8", "model.moe.top_k=2", "model.max_seq_len=32", "data.seq_len=32",
@@ -129,13 +130,6 @@ def test_shift_refuses_training_mode_and_too_few_experts():
     assert "select" not in layer.router.__dict__
 
 
-def test_token_batches():
-    seqs = token_batches(torch.arange(100), seq_len=10, max_tokens=25)
-    assert seqs.shape == (3, 11) and seqs[1, 0] == 10 and seqs[0, -1] == 10
-    with pytest.raises(ValueError, match="at least 11 tokens"):
-        token_batches(torch.arange(5), 10)
-
-
 # --- on a trained run ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
@@ -147,27 +141,73 @@ def run_dir(tmp_path_factory):
     return tmp / "run"
 
 
-def test_identical_checkpoints_have_zero_ecr_and_collect_matches_the_model(run_dir):
+def _by_hand(model, seqs_BS1, batch_size):
+    """Independently of `collect`: each MoE layer's input [T, D] and realised routing [T, K] on the sequences
+    (eval mode, the same batches), the competition's winners from `MoE.competition_winners` on that input,
+    and the mean next-token cross-entropy from the logits."""
+    layers = moe_layers(model)
+    xs, idx = [[] for _ in layers], [[] for _ in layers]
+    def hook(i):
+        def fn(module, args, out):
+            xs[i].append(args[0].reshape(-1, args[0].shape[-1]))
+            idx[i].append(out.indices)
+        return fn
+    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for seq in seqs_BS1.split(batch_size):
+            logits = model.eval()(seq[:, :-1]).logits.double()
+            nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), seq[:, 1:].flatten(), reduction="sum"))
+            count += seq[:, 1:].numel()
+        winners = [layer.competition_winners(torch.cat(x))[0] for layer, x in zip(layers, xs)]
+    for h in handles:
+        h.remove()
+    return [torch.cat(x) for x in xs], [torch.cat(i) for i in idx], winners, nll / count
+
+
+def _naive_overlap(a_TK, b_TK):
+    """Per token |A ∩ B| / K by sets."""
+    return [len(set(a) & set(b)) / len(a) for a, b in zip(a_TK.tolist(), b_TK.tolist())]
+
+
+def test_collect_records_routing_winners_and_loss_of_the_model(run_dir):
+    model, cfg, _ = load_trained(run_dir, log=lambda *_: None)
+    seqs = torch.randint(0, cfg.model.vocab_size, (3, 9), generator=torch.Generator().manual_seed(0))
+    r = collect(model, seqs, batch_size=2)
+    xs, idx, winners, loss = _by_hand(model, seqs, batch_size=2)
+    assert r.tokens == 24 and r.loss == pytest.approx(loss, rel=1e-5)
+    for layer, rec, x, i, win in zip(moe_layers(model), r.layers, xs, idx, winners):
+        assert rec.cat("indices").shape == (24, 2)
+        assert torch.equal(rec.cat("indices"), i)
+        assert torch.equal(rec.cat("winners"), win)            # the competition's I_C, not the router's
+        torch.testing.assert_close(rec.cat("logits"), layer.router(x).logits_TN.float())
+    assert any(not torch.equal(rec.cat("winners"), rec.cat("indices")) for rec in r.layers), \
+        "the token set should show the router and the competition disagreeing somewhere"
+
+
+def test_analysis_report_matches_naive_recomputation(run_dir):
     paths = checkpoint_paths([run_dir])
     assert [p.name for p in paths] == ["step_00000002", "step_00000004"]
     seqs = run_token_set(paths[-1], max_tokens=64, log=lambda *_: None)
-    report = analyze_checkpoints([paths[-1], paths[-1]], seqs, log=lambda *_: None)
+    report = analyze_checkpoints([paths[-1], paths[-1]], seqs, batch_size=16, log=lambda *_: None)
     assert report["ecr"][0]["ecr"] == 0.0 and report["ecr"][0]["per_layer"] == [0.0, 0.0]
+    model, _, _ = load_trained(paths[-1], log=lambda *_: None)
+    _, idx, winners, loss = _by_hand(model, seqs, batch_size=16)
+    agree = report["agreement"][0]
+    assert agree["ppl"] == pytest.approx(math.exp(loss), rel=1e-5)
+    for got, i, win in zip(agree["per_layer"], idx, winners):
+        assert got["agreement"] == pytest.approx(sum(_naive_overlap(i, win)) / len(i))
+        assert got["top1_agreement"] == pytest.approx(sum(a == b for a, b in zip(i[:, 0].tolist(), win[:, 0].tolist())) / len(i))
+    assert agree["agreement"] == pytest.approx(sum(a["agreement"] for a in agree["per_layer"]) / 2)
     final = report["final"]
-    assert len(final["load"]) == 2 and all(sum(row) == pytest.approx(1.0) for row in final["load"])
-    assert final["shift"]["shifted_ppl"] > 0 and final["ppl"] == pytest.approx(report["agreement"][0]["ppl"])
-    for a in report["agreement"][0]["per_layer"]:
-        assert 0.0 <= a["top1_agreement"] <= 1.0 and 0.0 <= a["agreement"] <= 1.0
-
-
-def test_collect_records_winners_of_the_competition(run_dir):
-    from competesmoe.train import load_trained
-    model, cfg, _ = load_trained(run_dir, log=lambda *_: None)
-    seqs = torch.randint(0, cfg.model.vocab_size, (2, 9))
-    r = collect(model, seqs, batch_size=1)
-    layer = r.layers[0]
-    assert layer.cat("indices").shape == (16, 2) and layer.cat("winners").shape == (16, 2)
-    assert layer.cat("logits").shape == (16, 8) and r.tokens == 16
+    N, K = report["n_experts"], report["top_k"]
+    for row, i in zip(final["load"], idx):
+        flat = i.flatten().tolist()
+        assert row == pytest.approx([flat.count(e) / (len(i) * K) for e in range(N)])
+    for ent, i in zip(final["entropy"], idx):
+        p = [i.flatten().tolist().count(e) / i.numel() for e in range(N)]
+        assert ent["selection"] == pytest.approx(-sum(q * math.log(q) for q in p if q > 0), rel=1e-5)
+    assert final["shift"]["ppl"] == pytest.approx(math.exp(loss), rel=1e-5)
 
 
 def test_analyze_cli_writes_report(run_dir, tmp_path, capsys):
@@ -176,7 +216,14 @@ def test_analyze_cli_writes_report(run_dir, tmp_path, capsys):
     for name in ("analysis.md", "analysis.json", "ecr.png", "agreement.png", "load.png", "entropy.png"):
         assert (out / name).is_file(), name
     report = json.loads((out / "analysis.json").read_text())
-    assert report["steps"] == [2, 4] and len(report["ecr"]) == 1 and 0 <= report["ecr"][0]["ecr"] <= 1
+    assert report["steps"] == [2, 4] and len(report["ecr"]) == 1
+    # ECR from step 2 to step 4 by hand: 1 - |I ∩ I'| / K per token, averaged over tokens then layers
+    paths = checkpoint_paths([run_dir])
+    seqs = run_token_set(paths[-1], max_tokens=64, log=lambda *_: None)
+    idx = [_by_hand(load_trained(p, log=lambda *_: None)[0], seqs, batch_size=16)[1] for p in paths]
+    per_layer = [1 - sum(_naive_overlap(a, b)) / len(a) for a, b in zip(*idx)]
+    assert report["ecr"][0]["per_layer"] == pytest.approx(per_layer)
+    assert report["ecr"][0]["ecr"] == pytest.approx(sum(per_layer) / len(per_layer))
     assert "Top-(K+1) shift" in (out / "analysis.md").read_text()
 
 

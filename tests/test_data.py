@@ -15,7 +15,7 @@ import torch
 
 from competesmoe.config import ConfigError, apply_overrides
 from competesmoe.data import (EOS, BatchIterator, DataConfig, DataError, SequentialBatches, SyntheticCorpus,
-                              gather, holdout, num_sequences, prepare_data, read_documents, read_file)
+                              gather, holdout, num_sequences, packed, prepare_data, read_documents, read_file)
 from competesmoe.data import cache as cache_mod
 from competesmoe.data import prepare as prepare_mod
 from competesmoe.data import tokenizer as tokenizer_mod
@@ -329,6 +329,18 @@ def test_packing_matches_naive_reference(n_tokens, seq_len):
     got = torch.cat(list(SequentialBatches(tokens, seq_len, batch_size=3)))
     assert got.dtype == torch.long and got.tolist() == ref
     assert gather(tokens, np.array([len(ref) - 1, 0]), seq_len).tolist() == [ref[-1], ref[0]]
+
+
+@pytest.mark.parametrize("max_tokens", [None, 1, 25, 30, 10_000])
+def test_packed_token_set_is_the_first_packed_sequences(max_tokens):
+    stream = (np.arange(100) * 7 % 1000).astype(np.uint16)
+    ref = naive_sequences(stream.tolist(), 10)
+    n = len(ref) if max_tokens is None else min(len(ref), max(1, -(-max_tokens // 10)))  # enough to predict max_tokens
+    for tokens in (stream, torch.from_numpy(stream.astype(np.int64))):
+        got = packed(tokens, 10, max_tokens)
+        assert got.dtype == torch.long and got.tolist() == ref[:n]
+    with pytest.raises(DataError, match="too few for one sequence"):
+        packed(np.arange(5), 10)
 
 
 def test_packing_of_prepared_documents(tmp_path):

@@ -18,7 +18,7 @@ def tiny_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def exported(tiny_run, tmp_path_factory) -> Path:
-    from competesmoe.model.export import export
+    from competesmoe.train.export import export
     return export(tiny_run, tmp_path_factory.mktemp("hf_eval") / "model", log=lambda *_: None)
 
 

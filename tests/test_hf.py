@@ -34,7 +34,7 @@ def tiny_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def exported(tiny_run, tmp_path_factory) -> Path:
-    from competesmoe.model.export import export
+    from competesmoe.train.export import export
     return export(tiny_run, tmp_path_factory.mktemp("hf") / "model", log=lambda *_: None)
 
 
@@ -125,7 +125,7 @@ def test_generate_with_and_without_cache_equals_our_generate():
 def test_export_folder_loads_with_auto_classes(tiny_run, exported):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from competesmoe.train.loop import load_trained
+    from competesmoe.train import load_trained
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         assert (exported / name).is_file(), name
     model, _, tok = load_trained(tiny_run, log=lambda *_: None)
@@ -172,9 +172,9 @@ def test_realign_parameters_copies_only_misaligned_storage():
 def test_export_cli_errors(tmp_path, exported, capsys):
     from competesmoe.cli import main
     assert main(["export", str(tmp_path / "missing"), str(tmp_path / "out")]) == 1
-    assert "no such checkpoint" in capsys.readouterr().out
+    assert "no such checkpoint" in capsys.readouterr().err   # the dispatcher's one line on stderr
     assert main(["export", str(tmp_path), str(exported)]) == 1  # not empty
-    assert "not empty" in capsys.readouterr().out
+    assert "not empty" in capsys.readouterr().err
 
 
 def test_save_hf_needs_an_eos_token(tmp_path):

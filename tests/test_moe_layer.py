@@ -55,12 +55,19 @@ def test_grouped_mm_backend_is_really_used(monkeypatch):
     assert len(calls) == 2
 
 
-def test_grouped_mm_refuses_misaligned_sizes_clearly():
+def test_grouped_mm_refuses_misaligned_sizes_clearly(monkeypatch):
     E = Experts(4, 6, 5, "gelu", backend="grouped_mm")  # 5 floats = 20 bytes: not a 16-byte stride
+    _randomize(E, 0.3)
+    x, idx, w = torch.randn(3, 6), torch.randint(0, 4, (3, 2)), torch.rand(3, 2)
     with pytest.raises(RuntimeError, match="16-byte"):
-        E(torch.randn(3, 6), torch.randint(0, 4, (3, 2)))
-    E.backend = "auto"  # falls back to the loop
-    E(torch.randn(3, 6), torch.randint(0, 4, (3, 2)))
+        E(x, idx)
+    calls = []
+    import torch.nn.functional as F
+    real = F.grouped_mm
+    monkeypatch.setattr(F, "grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    E.backend = "auto"  # falls back to the loop: no grouped_mm call, the reference's result
+    torch.testing.assert_close(Experts.combine(E(x, idx), w), ref.sparse_moe(E, x, idx, w), rtol=1e-5, atol=1e-5)
+    assert calls == []
 
 
 def test_experts_gradcheck_float64():
@@ -184,10 +191,20 @@ def test_winner_weights_clamp_nonpositive_affinities():
     assert torch.isfinite(s).all()
 
 
-def test_literal_softmax_over_output_dim_cannot_rank_experts():
-    """Why kappa='softmax' is taken across experts: over the output dimension its mean is 1/D."""
-    out = torch.randn(5, 7)
-    torch.testing.assert_close(out.softmax(-1).mean(-1), torch.full((5,), 1 / 7))
+def test_softmax_kappa_is_taken_across_experts_and_ranks_them():
+    """kappa='softmax': a_i = mean_d softmax over experts of g(x)_d (a softmax over the output dimension
+    alone would give every expert the mean 1/D and could not rank them)."""
+    moe = _competesmoe("softmax")
+    x = torch.randn(7, 8)
+    a_TN, lse_TD = comp.all_affinities(moe.experts, x, "softmax", chunk_tokens=3)
+    _, _, _, a_ref = ref.competition_reference(moe.experts, x, 2, "softmax", moe.cfg.competition.eps)
+    torch.testing.assert_close(a_TN.double(), a_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a_TN.sum(-1), torch.ones(7))          # a distribution over the N experts
+    assert (a_TN.max(-1).values - a_TN.min(-1).values > 1e-3).all()   # that tells experts apart
+    # the sparse path (winners recomputed with gradients) gives the same affinities from the saved lse
+    win_TK = a_TN.topk(2, dim=-1).indices
+    out_TKD = moe.experts(x, win_TK)
+    torch.testing.assert_close(comp.affinity(out_TKD, "softmax", lse_TD[:, None, :]), a_TN.gather(-1, win_TK))
 
 
 def test_distillation_and_diversity_match_reference():

@@ -315,12 +315,13 @@ def _parse(argv):
 
 
 def test_cli_errors_are_clear(capsys):
-    assert theory_cli.main(_parse(["--n-experts", "1"])) == 2
-    assert "n_experts=1 must be >= n_true=2" in capsys.readouterr().err
-    assert theory_cli.main(_parse(["--sizes", "100,200", "--n-min", "100"])) == 2
-    assert "either --sizes or" in capsys.readouterr().err
-    assert theory_cli.main(_parse(["--n-min", "100", "--n-max", "50", "--n-points", "3"])) == 2
-    assert "n_min < n_max" in capsys.readouterr().err
+    from competesmoe.cli import main as cli_main
+    for argv, msg in ((["--n-experts", "1"], "n_experts=1 must be >= n_true=2"),
+                      (["--sizes", "100,200", "--n-min", "100"], "either --sizes or"),
+                      (["--n-min", "100", "--n-max", "50", "--n-points", "3"], "n_min < n_max")):
+        assert cli_main(["theory", *argv]) == 1            # a ConfigError: one line on stderr, exit 1
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, err
     with pytest.raises(SystemExit):
         _parse(["--gating", "topk"])
     with pytest.raises(SystemExit):

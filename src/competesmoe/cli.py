@@ -16,7 +16,7 @@ from .errors import CompeteSMoEError
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("competesmoe.train.cli", "pre-train a language model with any router"),
     "eval": ("competesmoe.eval.cli", "perplexity and zero-shot evaluation of a checkpoint"),
-    "export": ("competesmoe.model.export", "turn a training checkpoint into a Hugging Face folder"),
+    "export": ("competesmoe.train.export", "turn a training checkpoint into a Hugging Face folder"),
     "analyze": ("competesmoe.analysis.cli", "routing analysis: ECR, agreement, entropy, top-(K+1) shift"),
     "compare": ("competesmoe.analysis.compare", "train several routers under identical settings and tabulate"),
     "theory": ("competesmoe.theory.cli", "simulate the convergence rates of Section 3"),

@@ -212,7 +212,7 @@ def _revalidate(cfg: Config) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# The MoE layer (SPEC §1-4) and the competition schedule (SPEC §5)
+# The MoE layer (Sections 2.1-2.3.1, baselines of Section 5.1) and the competition schedule (Section 2.3.2, Appendix C)
 # ------------------------------------------------------------------------------------------------
 ROUTERS = ("smoe", "xmoe", "pcosine", "moeut", "sharede_v2", "sharede_v3", "competesmoe")
 ACTIVATIONS = ("relu", "gelu", "silu", "swiglu")
@@ -223,7 +223,7 @@ BACKENDS = ("auto", "grouped_mm", "loop", "triton")
 
 @dataclasses.dataclass
 class RouterConfig(Config):
-    """Options of the router policies (SPEC §1); each router reads the ones it names."""
+    """Options of the router policies (Section 2.1, baselines of Section 5.1); each router reads the ones it names."""
     temperature: float = 0.3        # xmoe, pcosine: logits = cos / temperature
     proj_dim: int | None = None     # xmoe, pcosine: d_r of the projection P (None: n_routed // 2)
     cosine_eps: float = 0.1         # pcosine: ε in <z, e> / ((‖z‖+ε)(‖e‖+ε))
@@ -247,7 +247,7 @@ class RouterConfig(Config):
 
 @dataclasses.dataclass
 class CompetitionConfig(Config):
-    """The competition mechanism and its router losses (SPEC §2-3)."""
+    """The competition mechanism (Section 2.2) and its router losses (Section 2.3.1, Eqs. (2)-(3))."""
     kappa: str = "softplus"         # affinity activation κ (Eq. (13)); "norm" is Eq. (14)
     distill: str = "paper"          # "paper": t = s_C (sparse winners); "reference": t = softmax(a)
     alpha: float = 0.1              # Eq. (2) weight on the winners' squared errors
@@ -272,7 +272,7 @@ class CompetitionConfig(Config):
 
 @dataclasses.dataclass
 class LossConfig(Config):
-    """Load-balancing and stability losses (SPEC §4), already weighted in `MoEOutput.aux_loss`."""
+    """Load-balancing and stability losses (Section 5.1, Appendix I), already weighted in `MoEOutput.aux_loss`."""
     balance: str = "switch"
     balance_coef: float = 0.01
     zloss_coef: float = 0.0
@@ -285,7 +285,7 @@ class LossConfig(Config):
 
 @dataclasses.dataclass
 class MoEConfig(Config):
-    """One MoE layer. `n_experts` and `top_k` count shared experts too (SPEC §1, sharede_*)."""
+    """One MoE layer. `n_experts` and `top_k` count shared experts too (sharede_*: README, router table)."""
     d_model: int
     d_expert: int
     n_experts: int
@@ -327,7 +327,7 @@ class MoEConfig(Config):
 
 @dataclasses.dataclass
 class ScheduleConfig(Config):
-    """The offline competition schedule Λ[l, t] (SPEC §5, Appendix C)."""
+    """The offline competition schedule Λ[l, t] (Sections 2.3.2 and 2.4, Appendix C)."""
     omega: float = 0.07             # per-layer, per-step Bernoulli probability
     a_max: int = 3                  # at most this many competing layers per optimizer step
     warmup: float = 0.0             # fraction of the steps that never compete

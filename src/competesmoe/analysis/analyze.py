@@ -1,4 +1,5 @@
-"""`analyze_checkpoints`: every SPEC §6 routing metric of a run's checkpoints on one fixed token set.
+"""`analyze_checkpoints`: the routing metrics of Section 5.2.2 and Appendices F–G (expert change rate,
+router–competition agreement, entropies, top-(K+1) shift) of a run's checkpoints on one fixed token set.
 
     paths = checkpoint_paths("runs/tiny")            # oldest first
     seqs = run_token_set(paths[-1], max_tokens=4096)  # first tokens of the run's validation split
@@ -14,9 +15,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..train.checkpoint import CheckpointError, checkpoints, resolve
+from ..config import ConfigError
+from ..data import DataError, packed
+from ..train import load_trained, lm_loss
+from ..train.checkpoint import CheckpointError, checkpoints, resolve, step_of
 from . import metrics
-from .collect import Routings, collect, lm_loss, token_batches
+from .collect import Routings, collect
 from .shift import top_k_shift
 
 
@@ -34,36 +38,33 @@ def checkpoint_paths(items: Sequence[str | Path]) -> list[Path]:
         if not listed:
             raise CheckpointError(f"{p}: holds no checkpoint (expected RUN/checkpoints/step_*)")
         found.extend(listed)
-    return sorted(dict.fromkeys(found), key=checkpoint_step)
+    return sorted(dict.fromkeys(found), key=_step)
 
 
-def checkpoint_step(path: Path) -> int:
-    name = Path(path).name
-    return int(name.split("_")[-1]) if name.startswith("step_") and name.split("_")[-1].isdigit() else -1
+def _step(path: Path) -> int:
+    """The checkpoint's step, -1 for a folder not named step_<digits> (sorted first)."""
+    step = step_of(path)
+    return -1 if step is None else step
 
 
 def run_token_set(ckpt: str | Path, max_tokens: int = 4096, text: str | None = None,
                   log: Callable[[str], None] = print) -> torch.Tensor:
     """Fixed analysis sequences [B, seq_len + 1]: the first `max_tokens` tokens of `text` (a file or
     folder read like training data, encoded with the run's tokenizer) or of the run's validation split."""
-    from ..train import load_trained
+    if max_tokens < 1:
+        raise ConfigError(f"the token set needs max_tokens >= 1, got {max_tokens}")
     _, cfg, tokenizer = load_trained(resolve(ckpt, log=log), log=log)
     if text is not None:
-        from ..data.sources import read_documents
-        eos = tokenizer.token_to_id("<|endoftext|>")
-        ids: list[int] = []
-        for doc in read_documents(text):
-            ids.extend(tokenizer.encode(doc, add_special_tokens=False).ids)
-            if eos is not None:
-                ids.append(eos)
-        tokens = torch.tensor(ids, dtype=torch.long)
+        from ..data import encode_documents, read_documents
+        from ..data.tokenizer import eos_id
+        tokens = encode_documents(tokenizer, read_documents(text), eos_id(tokenizer))
     else:
         from ..data import prepare_data
         data = prepare_data(cfg.data, log=log)
         if data.valid is None:
-            raise ValueError("the run has no validation split; pass a text file (--data)")
-        tokens = torch.from_numpy(data.valid[: max_tokens + cfg.data.seq_len + 1].astype("int64"))
-    return token_batches(tokens, cfg.data.seq_len, max_tokens)
+            raise DataError("the run has no validation split; pass a text file (--data)")
+        tokens = data.valid[: max_tokens + cfg.data.seq_len + 1]
+    return packed(tokens, cfg.data.seq_len, max_tokens)
 
 
 def _agreement(r: Routings) -> dict[str, Any]:
@@ -78,15 +79,14 @@ def analyze_checkpoints(paths: Sequence[str | Path], seqs_BS1: torch.Tensor, bat
                         eval_limit: int | None = None, device: str = "cpu",
                         log: Callable[[str], None] = print) -> dict[str, Any]:
     """The analysis report (a JSON-ready dict) of `paths` (oldest first) on `seqs_BS1`."""
-    from ..train import load_trained
     if not paths:
-        raise ValueError("no checkpoint to analyse")
+        raise CheckpointError("no checkpoint to analyse")
     steps, agree, ecr = [], [], []
     prev: list[torch.Tensor] | None = None
     for path in paths:
         model, cfg, tokenizer = load_trained(path, device=device, log=log)
         r = collect(model, seqs_BS1, batch_size, winners=True, device=device)
-        step = checkpoint_step(Path(path))
+        step = _step(Path(path))
         steps.append(step)
         agree.append({"step": step, "ppl": r.ppl, **_agreement(r)})
         idx = r.indices()
@@ -115,10 +115,10 @@ def shift_effect(model, seqs_BS1: torch.Tensor, tokenizer, cfg, batch_size: int 
     import math
     model.eval()
     if base_loss is None:
-        base_loss = lm_loss(model, seqs_BS1, batch_size, device)[0]
+        base_loss = lm_loss(model, seqs_BS1.split(batch_size), device).loss
     with top_k_shift(model):
-        loss = lm_loss(model, seqs_BS1, batch_size, device)[0]
-    out: dict[str, Any] = {"ppl": math.exp(min(base_loss, 50)), "shifted_ppl": math.exp(min(loss, 50))}
+        shifted = lm_loss(model, seqs_BS1.split(batch_size), device)
+    out: dict[str, Any] = {"ppl": math.exp(min(base_loss, 50)), "shifted_ppl": shifted.ppl}
     out["delta_ppl"] = out["shifted_ppl"] - out["ppl"]
     if eval_tasks:
         from ..eval import evaluate

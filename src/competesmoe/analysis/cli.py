@@ -1,8 +1,7 @@
-"""`competesmoe analyze RUN_OR_CHECKPOINTS...`: routing analysis report of a run (SPEC §6)."""
+"""`competesmoe analyze RUN_OR_CHECKPOINTS...`: routing analysis report of a run (Section 5.2.2, Appendices F–G)."""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
@@ -23,21 +22,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from ..config import ConfigError
-    from ..train.checkpoint import CheckpointError
     from .analyze import analyze_checkpoints, checkpoint_paths, run_token_set
     from .report import write_analysis
-    try:
-        if args.tokens < 1:
-            raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
-        paths = checkpoint_paths(args.paths)
-        seqs = run_token_set(paths[-1], args.tokens, args.data)
-        report = analyze_checkpoints(paths, seqs, args.batch_size, shift=not args.no_shift,
-                                     eval_tasks=args.eval_tasks, eval_data=args.eval_data,
-                                     eval_limit=args.eval_limit, device=args.device)
-        out = Path(args.out) if args.out else paths[-1].parent.parent / "analysis"
-        written = write_analysis(report, out)
-    except (CheckpointError, ConfigError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if args.tokens < 1:
+        raise ConfigError(f"--tokens must be >= 1, got {args.tokens}")
+    paths = checkpoint_paths(args.paths)
+    seqs = run_token_set(paths[-1], args.tokens, args.data)
+    report = analyze_checkpoints(paths, seqs, args.batch_size, shift=not args.no_shift,
+                                 eval_tasks=args.eval_tasks, eval_data=args.eval_data,
+                                 eval_limit=args.eval_limit, device=args.device)
+    out = Path(args.out) if args.out else paths[-1].parent.parent / "analysis"
+    written = write_analysis(report, out)
     print(f"analysis of {len(paths)} checkpoint(s) written to {written['markdown']}")
     return 0

@@ -6,14 +6,13 @@ Shapes: B sequences, S positions, T = B·S tokens, K choices, N routed experts.
 """
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..moe import moe_layers
+from ..train.validation import LMLoss, lm_loss
 
 
 @dataclass
@@ -28,32 +27,11 @@ class LayerRouting:
 
 
 @dataclass
-class Routings:
+class Routings(LMLoss):    # loss, tokens, seconds (hooks included) and ppl of the token set, plus:
     layers: list[LayerRouting]
-    loss: float            # mean next-token cross-entropy over the token set (nats)
-    tokens: int            # predicted tokens
-    seconds: float         # forward wall-clock (hooks included)
-
-    @property
-    def ppl(self) -> float:
-        return math.exp(min(self.loss, 50.0))
 
     def indices(self) -> list[torch.Tensor]:
         return [layer.cat("indices") for layer in self.layers]
-
-
-def token_batches(tokens: torch.Tensor, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
-    """Cut a 1-D token stream into non-overlapping sequences of seq_len + 1 tokens: [B, seq_len + 1].
-
-    With `max_tokens`, only enough sequences to predict (about) that many tokens are kept."""
-    tokens = torch.as_tensor(tokens).long().reshape(-1)
-    n_seq = (tokens.numel() - 1) // seq_len
-    if max_tokens is not None:
-        n_seq = min(n_seq, max(1, math.ceil(max_tokens / seq_len)))
-    if n_seq < 1:
-        raise ValueError(f"need at least {seq_len + 1} tokens for one sequence, got {tokens.numel()}")
-    starts = torch.arange(n_seq) * seq_len
-    return tokens[starts[:, None] + torch.arange(seq_len + 1)]
 
 
 @torch.no_grad()
@@ -77,25 +55,8 @@ def collect(model: nn.Module, seqs_BS1: torch.Tensor, batch_size: int = 16, winn
 
     handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
     try:
-        loss, count, seconds = lm_loss(model, seqs_BS1, batch_size, device)
+        res = lm_loss(model, seqs_BS1.split(batch_size), device)
     finally:
         for h in handles:
             h.remove()
-    return Routings(records, loss, count, seconds)
-
-
-@torch.no_grad()
-def lm_loss(model: nn.Module, seqs_BS1: torch.Tensor, batch_size: int = 16,
-            device: str | torch.device = "cpu") -> tuple[float, int, float]:
-    """(mean cross-entropy, predicted tokens, seconds) of `model` on the sequences, in eval mode."""
-    was_training = model.training
-    model.eval()
-    total, count, tic = 0.0, 0, time.perf_counter()
-    try:
-        for seq in seqs_BS1.split(batch_size):
-            seq = seq.to(device)
-            total += float(model(seq[:, :-1], seq[:, 1:]).lm_loss) * seq[:, 1:].numel()
-            count += seq[:, 1:].numel()
-    finally:
-        model.train(was_training)
-    return total / count, count, time.perf_counter() - tic
+    return Routings(res.loss, res.tokens, res.seconds, records)

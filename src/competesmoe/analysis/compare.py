@@ -7,7 +7,6 @@ command can simply be run again. Variant syntax: see `competesmoe.analysis.varia
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -78,14 +77,7 @@ def run_compare(routers: str, seeds: list[int], preset: str, base: list[str], ou
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..config import ConfigError
-    from ..train import TrainingError
-    from ..train.checkpoint import CheckpointError
-    try:
-        paths = run_compare(args.routers, _seeds(args.seeds), args.preset, base_overrides(args), args.out,
-                            args.eval_tasks, args.eval_data, args.eval_limit, args.analysis_tokens)
-    except (ConfigError, TrainingError, CheckpointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    paths = run_compare(args.routers, _seeds(args.seeds), args.preset, base_overrides(args), args.out,
+                        args.eval_tasks, args.eval_data, args.eval_limit, args.analysis_tokens)
     print(f"comparison written to {paths['markdown']}")
     return 0

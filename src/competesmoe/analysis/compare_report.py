@@ -129,7 +129,7 @@ def _tokens_per_step(summary: dict) -> float:
 
 
 def write_compare(runs: list[dict], settings: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    from .plots import lines
+    from ..plots import lines
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     groups = _by_label(runs)

@@ -1,4 +1,5 @@
-"""Routing metrics of SPEC §6 as plain functions on index / weight / logit tensors.
+"""Routing metrics of Section 5.2.2 and Appendices F–G as plain functions on index / weight / logit tensors,
+returning Python floats for the reports (the tensor versions shared with training live in `moe.stats`).
 
 Shapes: T tokens, K chosen experts per token, N routed experts, L layers. A "routing" of one layer is
 an index tensor `[T, K]`; a routing of a model is a list of those, one per MoE layer.
@@ -10,18 +11,7 @@ from typing import Sequence
 
 import torch
 
-
-def _check_pair(a_TK: torch.Tensor, b_TK: torch.Tensor, what: str) -> None:
-    if a_TK.dim() != 2 or a_TK.shape != b_TK.shape:
-        raise ValueError(f"{what}: expected two [T, K] index tensors of the same shape, "
-                         f"got {tuple(a_TK.shape)} and {tuple(b_TK.shape)}")
-
-
-def overlap(a_TK: torch.Tensor, b_TK: torch.Tensor) -> torch.Tensor:
-    """Per token |A ∩ B| / K for two top-K selections (each row holds K distinct experts): [T]."""
-    _check_pair(a_TK, b_TK, "overlap")
-    hits_TKK = a_TK[:, :, None] == b_TK[:, None, :]
-    return hits_TKK.any(-1).float().mean(-1)
+from ..moe import stats
 
 
 def expert_change_rate(before: Sequence[torch.Tensor], after: Sequence[torch.Tensor]) -> dict:
@@ -31,7 +21,7 @@ def expert_change_rate(before: Sequence[torch.Tensor], after: Sequence[torch.Ten
     if len(before) != len(after) or not before:
         raise ValueError(f"ECR needs two routings with the same number (>= 1) of layers, "
                          f"got {len(before)} and {len(after)}")
-    per_layer = [float(1.0 - overlap(a, b).mean()) for a, b in zip(before, after)]
+    per_layer = [float(1.0 - stats.overlap(a, b).mean()) for a, b in zip(before, after)]
     return {"ecr": sum(per_layer) / len(per_layer), "per_layer": per_layer}
 
 
@@ -39,20 +29,13 @@ def agreement(router_TK: torch.Tensor, competition_TK: torch.Tensor) -> dict:
     """Router–competition agreement of one layer: mean |I_R ∩ I_C| / K, and top-1 agreement
     (the router's first choice equals the competition's best expert). Both index tensors are
     ordered best first."""
-    _check_pair(router_TK, competition_TK, "agreement")
-    return {"agreement": float(overlap(router_TK, competition_TK).mean()),
-            "top1_agreement": float((router_TK[:, 0] == competition_TK[:, 0]).float().mean())}
+    return {k: float(v) for k, v in stats.agreement(router_TK, competition_TK).items()}
 
 
 def expert_load(indices: Sequence[torch.Tensor], n_experts: int) -> torch.Tensor:
     """Share of the selections that went to each expert, per layer: [L, N], rows sum to 1."""
-    rows = []
-    for idx_TK in indices:
-        counts_N = torch.bincount(idx_TK.reshape(-1).long(), minlength=n_experts).double()
-        if counts_N.numel() > n_experts:
-            raise ValueError(f"expert index {int(idx_TK.max())} out of range for n_experts={n_experts}")
-        rows.append(counts_N / counts_N.sum().clamp_min(1))
-    return torch.stack(rows) if rows else torch.zeros(0, n_experts, dtype=torch.float64)
+    rows = [stats.selection_share(idx_TK, n_experts) for idx_TK in indices]
+    return torch.stack(rows) if rows else torch.zeros(0, n_experts)
 
 
 def _entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -62,7 +45,7 @@ def _entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 def selection_entropy(idx_TK: torch.Tensor, n_experts: int) -> float:
     """Entropy (nats) of one layer's expert-selection frequency over the token set; max log N."""
-    return float(_entropy(expert_load([idx_TK], n_experts)[0]))
+    return float(stats.selection_entropy(idx_TK, n_experts))
 
 
 def weight_entropy(w_TK: torch.Tensor) -> float:

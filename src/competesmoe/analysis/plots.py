@@ -1,45 +1,15 @@
-"""PNG plots of the analysis and comparison reports (matplotlib, Agg backend)."""
+"""PNG plots of the analysis report (matplotlib, Agg backend); line plots come from `competesmoe.plots`."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _plt().close(fig)
-    return path
-
-
-def lines(path: Path, series: Mapping[str, tuple[Sequence[float], Sequence[float]]], xlabel: str, ylabel: str,
-          title: str, logy: bool = False) -> Path:
-    """One line per named (x, y) series."""
-    plt = _plt()
-    many = len(series) > 6                       # legend beside the axes, styles beyond 10 colours
-    fig, ax = plt.subplots(figsize=(9.0 if many else 6.4, 4.0))
-    for i, (name, (x, y)) in enumerate(series.items()):
-        ax.plot(list(x), list(y), marker="os^"[i // 10 % 3], markersize=3, ls=("-", "--", ":")[i // 10 % 3],
-                label=name)
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
-    if logy:
-        ax.set_yscale("log")
-    if series:
-        ax.legend(fontsize=7, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if many else {}))
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
+from ..plots import lines, pyplot, save
 
 
 def analysis_plots(report: dict[str, Any], out: Path) -> dict[str, Path]:
     """ECR vs step, agreement per layer, load heat map, entropy per layer."""
-    plt = _plt()
+    plt = pyplot()
     paths: dict[str, Path] = {}
     L = report["n_layers"]
     if report["ecr"]:
@@ -57,14 +27,14 @@ def analysis_plots(report: dict[str, Any], out: Path) -> dict[str, Path]:
     ax.set(xlabel="layer", ylabel="|I_R ∩ I_C| / K", title="Router–competition agreement", ylim=(0, 1.02))
     ax.set_xticks(range(L))
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    paths["agreement"] = _save(fig, out / "agreement.png")
+    paths["agreement"] = save(fig, out / "agreement.png")
 
     final = report["final"]
     fig, ax = plt.subplots(figsize=(7.0, 0.6 + 0.45 * L))
     im = ax.imshow(final["load"], aspect="auto", cmap="viridis")
     ax.set(xlabel="expert", ylabel="layer", title=f"Expert load (share of selections), step {final['step']}")
     fig.colorbar(im, ax=ax)
-    paths["load"] = _save(fig, out / "load.png")
+    paths["load"] = save(fig, out / "load.png")
 
     fig, ax = plt.subplots(figsize=(7.6, 4.0))
     ent = final["entropy"]
@@ -77,5 +47,5 @@ def analysis_plots(report: dict[str, Any], out: Path) -> dict[str, Path]:
     ax.set(xlabel="layer", ylabel="entropy (nats)", title="Routing entropy per layer")
     ax.set_xticks(range(L))
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    paths["entropy"] = _save(fig, out / "entropy.png")
+    paths["entropy"] = save(fig, out / "entropy.png")
     return paths

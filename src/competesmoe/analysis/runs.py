@@ -17,7 +17,7 @@ import torch
 from ..config import apply_overrides
 from ..train import RunConfig, Trainer, run_preset
 from ..train.checkpoint import checkpoints
-from ..train.loop import dump_summary
+from ..train.runs import check_same_config, dump_summary
 from .variants import Variant
 
 # Applied before the user's --set (which wins): keep every checkpoint, no TensorBoard.
@@ -79,16 +79,12 @@ def inference_tokens_per_s(trainer: Trainer) -> float:
 
 def check_same_settings(cfg: RunConfig, out: Path) -> None:
     """A finished run is only reused for the same settings (the tokenizer may have set vocab_size)."""
-    import yaml
-    from ..config import ConfigError
+    from ..config import flatten
     path = out / "config.yaml"
-    if not path.is_file():
-        return
-    saved, now = yaml.safe_load(path.read_text()), cfg.to_dict()
-    diffs = [f"{sec}.{k}: {saved.get(sec, {}).get(k)!r} there vs {v!r} now" for sec in ("model", "data", "train")
-             for k, v in now[sec].items() if saved.get(sec, {}).get(k) != v and k != "vocab_size"]
-    if diffs:
-        raise ConfigError(f"{out} was trained with other settings; use another --out:\n  " + "\n  ".join(diffs))
+    if path.is_file():
+        keys = [k for k in flatten(cfg.to_dict()) if not k.endswith(".vocab_size")]
+        check_same_config(cfg, path.read_text(), f"{out} was trained with other settings; use another --out", keys,
+                          saved_as="there")
 
 
 def train_run(cfg: RunConfig, variant: Variant, seed: int, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -143,7 +139,7 @@ def eval_run(run_dir: Path, tasks: str, data_dir: str | None, limit: int | None,
         if cached.get("key") == key:
             return cached["results"]
     from ..eval import evaluate
-    from ..train import load_trained
+    from ..train.runs import load_trained
     model, cfg, tokenizer = load_trained(run_dir, log=lambda *_: None)
     results = evaluate(model, tokenizer, tasks, data_dir, limit=limit, batch_size=batch_size,
                        max_length=cfg.model.max_seq_len, name=run_dir.name, progress=False)

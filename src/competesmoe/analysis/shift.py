@@ -1,4 +1,4 @@
-"""The top-(K+1) shift (SPEC §6): at inference, route every token to the router's ranks 2..K+1.
+"""The top-(K+1) shift (Section 5.2.2): at inference, route every token to the router's ranks 2..K+1.
 
     with top_k_shift(model):
         out = model(ids)          # every MoE layer drops its top-1 expert and takes rank K+1
@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from ..config import ConfigError
 from ..moe import moe_layers
 
 Select = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -26,7 +27,7 @@ def shifted_select(router: nn.Module, select: Select, logits_TN: torch.Tensor, s
     """Ranks shift+1..shift+K of `select` (a router's own selection rule), weights renormalised."""
     K = router.top_k
     if K + shift > logits_TN.shape[-1]:
-        raise ValueError(f"top-(K+{shift}) shift needs K+{shift}={K + shift} <= N={logits_TN.shape[-1]} experts")
+        raise ConfigError(f"top-(K+{shift}) shift needs K+{shift}={K + shift} <= N={logits_TN.shape[-1]} experts")
     try:
         router.top_k = K + shift
         idx_TJ, w_TJ = select(logits_TN)

@@ -5,7 +5,7 @@
     batches = data.train_batches(batch_size=32)      # endless, shuffled, resumable
     x = next(batches)                                 # LongTensor[32, 513]
 """
-from .batches import BatchIterator, SequentialBatches, gather, num_sequences
+from .batches import BatchIterator, SequentialBatches, gather, num_sequences, packed
 from .config import DataConfig
 from .prepare import PreparedData, holdout, prepare_data
 from .sources import DataError, fingerprint, read_documents, read_file
@@ -14,6 +14,6 @@ from .tokenizer import EOS, encode_documents, load_tokenizer, tokenizer_hash, tr
 
 __all__ = [
     "BatchIterator", "DataConfig", "DataError", "EOS", "PreparedData", "SequentialBatches", "SyntheticCorpus",
-    "encode_documents", "fingerprint", "gather", "holdout", "load_tokenizer", "num_sequences", "prepare_data",
+    "encode_documents", "fingerprint", "gather", "holdout", "load_tokenizer", "num_sequences", "packed", "prepare_data",
     "read_documents", "read_file", "tokenizer_hash", "train_bpe",
 ]

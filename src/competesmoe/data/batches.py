@@ -26,6 +26,16 @@ def gather(tokens: np.ndarray, index: np.ndarray, seq_len: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(tokens[offsets], dtype=np.int64))
 
 
+def packed(tokens: np.ndarray | torch.Tensor, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
+    """Every packed sequence of a token stream, in order: LongTensor[n, seq_len + 1]; with `max_tokens`,
+    only the first sequences that predict (about) that many tokens."""
+    tokens = tokens.numpy(force=True).reshape(-1) if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
+    n = _check_size(tokens, seq_len, "token stream")
+    if max_tokens is not None:
+        n = min(n, max(1, math.ceil(max_tokens / seq_len)))
+    return gather(tokens, np.arange(n), seq_len)
+
+
 def _check_size(tokens: np.ndarray, seq_len: int, what: str) -> int:
     if seq_len < 1:
         raise DataError(f"seq_len must be >= 1, got {seq_len}")

@@ -7,13 +7,13 @@ Each MODEL is a checkpoint folder, a run folder (its newest good checkpoint) or 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..config import ConfigError
 from .evaluator import TASKS
 
 VALID_TASK = "valid_ppl"
@@ -49,27 +49,19 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[Any, Any, Any, in
         model, tok = load_hf(path, device)
         return model, tok, None, model.config.max_position_embeddings, tok.eos_token_id
     from ..data.tokenizer import eos_id
-    from ..train.loop import load_trained
+    from ..train.runs import load_trained
     model, cfg, tok = load_trained(path, device=device, log=lambda *_: None)
     return model, tok, cfg, cfg.model.max_seq_len, eos_id(tok)
 
 
-@torch.no_grad()
 def valid_perplexity(model: Any, cfg: Any, batch_size: int, max_batches: int | None = None,
                      device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Token perplexity on the run's validation split (as the trainer computes it), via its DataConfig."""
+    """Token perplexity on the run's validation split, computed as the trainer computes it (`lm_loss`)."""
     from ..data import prepare_data
+    from ..train import lm_loss
     data = prepare_data(cfg.data, log=lambda *_: None)
-    total, count = 0.0, 0
-    for batch in data.valid_batches(batch_size, max_batches):
-        batch = batch.to(device)
-        logits = model(batch[:, :-1]).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                                reduction="sum")
-        total, count = total + float(nll), count + batch[:, 1:].numel()
-    if count == 0:
-        raise ValueError("the validation split holds no complete sequence")
-    return {"ppl": math.exp(total / count), "nll": total, "tokens": count, "n": count}
+    res = lm_loss(model, data.valid_batches(batch_size, max_batches), device)
+    return {"ppl": res.ppl, "nll": res.loss * res.tokens, "tokens": res.tokens, "n": res.tokens}
 
 
 def evaluate_one(path: str, name: str, args: argparse.Namespace, tasks: list[str], want_valid: bool,
@@ -94,26 +86,19 @@ def evaluate_one(path: str, name: str, args: argparse.Namespace, tasks: list[str
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..train.checkpoint import CheckpointError
     from ..train.loop import resolve_device
     from . import results_markdown, write_report
-    from .tasks import TaskDataError
     names = args.names.split(",") if args.names else [Path(p).resolve().name for p in args.models]
     if len(names) != len(args.models):
-        print(f"error: --names has {len(names)} names for {len(args.models)} models", file=sys.stderr)
-        return 2
-    try:
-        tasks, want_valid = split_tasks(args.tasks)
-        if tasks:
-            from .evaluator import expand_tasks
-            expand_tasks(tasks)  # fail on a typo before loading anything
-        elif not want_valid:
-            raise ValueError("no task given")
-        device = resolve_device(args.device)
-        runs = [evaluate_one(p, n, args, tasks, want_valid, device) for p, n in zip(args.models, names)]
-    except (CheckpointError, TaskDataError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise ConfigError(f"--names has {len(names)} names for {len(args.models)} models")
+    tasks, want_valid = split_tasks(args.tasks)
+    if tasks:
+        from .evaluator import expand_tasks
+        expand_tasks(tasks)  # fail on a typo before loading anything
+    elif not want_valid:
+        raise ConfigError(f"no task given; known: {', '.join(TASKS)}, all, {VALID_TASK}")
+    device = resolve_device(args.device)
+    runs = [evaluate_one(p, n, args, tasks, want_valid, device) for p, n in zip(args.models, names)]
     ppl_task = VALID_TASK if want_valid else "wikitext2"
     paths = write_report(runs, args.out, mc_metric=args.mc_metric, ppl_task=ppl_task)
     print(results_markdown(runs, args.mc_metric, ppl_task))

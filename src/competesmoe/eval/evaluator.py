@@ -7,6 +7,7 @@ from typing import Any, Iterable
 
 import torch
 
+from ..config import ConfigError
 from . import metrics
 from .scoring import Scorer
 from .tasks import (MULTIPLE_CHOICE_TASKS, load_blimp, load_lambada, load_multiple_choice, load_wikitext,
@@ -25,11 +26,11 @@ def expand_tasks(tasks: str | Iterable[str]) -> list[str]:
         expanded = TASKS if name == "all" else (name,)
         for task in expanded:
             if task not in TASKS:
-                raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}, all")
+                raise ConfigError(f"unknown task {task!r}; known: {', '.join(TASKS)}, all")
             if task not in out:
                 out.append(task)
     if not out:
-        raise ValueError(f"no task given; known: {', '.join(TASKS)}, all")
+        raise ConfigError(f"no task given; known: {', '.join(TASKS)}, all")
     return out
 
 
@@ -68,7 +69,7 @@ def evaluate(model: Any, tokenizer: Any, tasks: str | Iterable[str], data_dir: s
     detokenizer before tokenizing. All data files are read and checked before any scoring.
     """
     if limit is not None and limit < 1:
-        raise ValueError(f"limit={limit} must be >= 1 (or None for every item)")
+        raise ConfigError(f"limit={limit} must be >= 1 (or None for every item)")
     names = expand_tasks(tasks)
     root = resolve_data_dir(data_dir)
     data = {task: _load(task, root, limit, wikitext_split) for task in names}

@@ -10,6 +10,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from ..data.tokenizer import EOS
+
 
 @runtime_checkable
 class LogitsModel(Protocol):
@@ -36,7 +38,7 @@ class TokenizersAdapter:
     def __init__(self, tokenizer: Any, eos_token: str | None = None) -> None:
         self.tokenizer = tokenizer
         self.eos_token_id: int | None = None
-        candidates = [eos_token] if eos_token else ["<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<s>", "<bos>"]
+        candidates = [eos_token] if eos_token else [EOS, "</s>", "<eos>", "<|eos|>", "<s>", "<bos>"]
         for tok in candidates:
             tid = tokenizer.token_to_id(tok)
             if tid is not None:

@@ -24,10 +24,10 @@ from transformers import (AutoConfig, AutoModelForCausalLM, GenerationMixin, Pre
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
+from ..data.tokenizer import EOS, eos_id
 from .transformer import ModelConfig, MoETransformer
 
 MODEL_TYPE = "competesmoe"
-EOS_TOKEN = "<|endoftext|>"
 
 
 class CompeteSMoEConfig(PretrainedConfig):
@@ -196,15 +196,14 @@ def realign_parameters(model: torch.nn.Module, alignment: int = 16) -> int:
 
 
 def hf_tokenizer(tokenizer: Any) -> PreTrainedTokenizerFast:
-    """A `tokenizers.Tokenizer` as a transformers fast tokenizer with `<|endoftext|>` as EOS (and pad).
+    """A `tokenizers.Tokenizer` as a transformers fast tokenizer with `data.tokenizer.EOS` as EOS (and pad).
 
     `model_max_length` is left unset (the model's limit is config.max_position_embeddings), so that
     evaluating long texts in windows does not warn."""
     if isinstance(tokenizer, PreTrainedTokenizerFast):
         return tokenizer
-    if tokenizer.token_to_id(EOS_TOKEN) is None:
-        raise ValueError(f"the tokenizer has no {EOS_TOKEN!r} token")
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
+    eos_id(tokenizer)  # DataError naming the token when it is missing
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, pad_token=EOS)
 
 
 def save_hf(model: MoETransformer, tokenizer: Any, out_dir: str | Path) -> Path:

@@ -1,4 +1,4 @@
-"""A decoder-only pre-LN transformer whose MLPs are `competesmoe.MoE` layers (SPEC §7).
+"""A decoder-only pre-LN transformer whose MLPs are `competesmoe.MoE` layers (paper Section 5.1, Appendix I.2).
 
 Attention is dense causal self-attention with rotary position embeddings; every block's MLP is an MoE
 layer with the configured router. `forward` returns the logits, the LM loss (when targets are given) and
@@ -67,7 +67,7 @@ def _moe(d, h, n, k, **kw) -> MoEConfig:
     return MoEConfig(d_model=d, d_expert=h, n_experts=n, top_k=k, **kw)
 
 
-# Presets. Balance loss per SPEC §4 for LM pre-training: entropy 0.01, no z-loss.
+# Presets. Balance loss for LM pre-training as in Section 5.1 / Table 13: MoEUT entropy 0.01, no z-loss.
 _LM_LOSSES = LossConfig(balance="entropy", balance_coef=0.01, zloss_coef=0.0)
 PRESETS: dict[str, ModelConfig] = {
     # trains in minutes on 2 CPU cores

@@ -90,7 +90,7 @@ class UpcycleConfig(Config):
     def moe_config(self, d_model: int, d_expert: int, activation: str, bias: bool) -> MoEConfig:
         opts = self.router_opts
         if self.router.startswith("sharede") and opts.shared_mix is None:
-            opts = dataclasses.replace(opts, shared_mix=0.5)  # SPEC §1: the upcycled model equals the dense one
+            opts = dataclasses.replace(opts, shared_mix=0.5)  # README (shared_mix): the upcycled model equals the dense one
         return MoEConfig(d_model=d_model, d_expert=d_expert, n_experts=self.experts, top_k=self.top_k,
                          router=self.router, activation=activation, bias=bias, router_bias=self.router_bias,
                          backend=self.backend, router_opts=opts, competition=self.competition, losses=self.losses)

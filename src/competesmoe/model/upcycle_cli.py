@@ -56,7 +56,7 @@ def load_competesmoe(src: str | Path, log: Callable[[str], None] = print):
     if is_hf_folder(src):
         hf, tok = load_hf(src)
         return hf.model, tok
-    from ..train.loop import load_trained
+    from ..train.runs import load_trained
     model, _, tok = load_trained(src, log=log)
     return model, tok
 

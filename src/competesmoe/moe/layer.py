@@ -1,9 +1,9 @@
 """`MoE`: router + experts (+ shared experts) + the competition on scheduled steps.
 
-A normal step routes each token with the router policy (SPEC §1). A competition step (training only,
+A normal step routes each token with the router policy (Section 2.1). A competition step (training only,
 `router="competesmoe"`) runs every expert without a graph to find the winners by affinity, then
-recomputes only the winners on the sparse path with gradients (SPEC §2), and adds the distillation and
-diversity losses (SPEC §3). Shapes: T tokens, D d_model, N routed experts, K routed choices.
+recomputes only the winners on the sparse path with gradients (Section 2.2), and adds the distillation and
+diversity losses (Section 2.3.1, Eqs. (2)-(3)). Shapes: T tokens, D d_model, N routed experts, K routed choices.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from .experts import FFN, Experts
 from .losses import entropy_loss, switch_loss, z_loss
 from .routers import build_router
 from .schedule import CompetitionSchedule
+from .stats import agreement
 
 # Element budget of the all-expert buffer [N, chunk, D] on a competition step (automatic chunking).
 # On CPU, small buffers are reused by the allocator and stay in cache: 2^20 elements, but at least 128
@@ -135,9 +136,7 @@ class MoE(nn.Module):
         else:  # "reference": the released code distils toward softmax over all affinities
             target_TN = a_TN.softmax(dim=-1)
         l_distill = comp.distillation_loss(routing.logits_TN, target_TN, win_TK, cc.alpha)  # Eq. (2)
-        agree = (routing.idx_TK[:, :, None] == win_TK[:, None, :]).any(-1).float().mean()
-        stats.update(distill=l_distill.detach(), diversity=l_div.detach(),
-                     agreement=agree, top1_agreement=(routing.idx_TK[:, 0] == win_TK[:, 0]).float().mean())
+        stats.update(distill=l_distill.detach(), diversity=l_div.detach(), **agreement(routing.idx_TK, win_TK))
         return y_TD, idx_TK, w_TK, cc.gamma * l_distill + cc.beta * l_div
 
     def _balance_losses(self, logits_TN, idx_TK, shape, stats) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Load-balancing and stability losses (SPEC §4). Inputs are float32 router logits.
+"""Load-balancing and stability losses (Section 5.1, Appendix I: Switch balance + z-loss, MoEUT entropy).
+Inputs are float32 router logits.
 
 Shapes: T tokens, N routed experts, K choices per token, B sequences of S tokens (T = B·S).
 """

@@ -1,4 +1,4 @@
-"""Router policies (SPEC §1): token -> (logits, chosen experts, their weights).
+"""Router policies (Section 2.1 and the baselines of Section 5.1): token -> (logits, chosen experts, their weights).
 
 One small class per scoring rule; `build_router(cfg)` maps the seven router names onto them.
 Routers run in float32 even under autocast (their softmax/top-K decide the routing). Each router owns its

@@ -8,7 +8,6 @@ Larger study:
 from __future__ import annotations
 
 import argparse
-import sys
 
 from competesmoe.config import ConfigError
 from competesmoe.theory.config import DEFAULT_SIZES, TheoryConfig
@@ -82,11 +81,7 @@ def config_from_args(args: argparse.Namespace) -> TheoryConfig:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as e:
-        print(f"competesmoe theory: error: {e}", file=sys.stderr)
-        return 2
+    cfg = config_from_args(args)
     from competesmoe.theory.report import markdown_table, write_outputs
     from competesmoe.theory.study import run_study
 

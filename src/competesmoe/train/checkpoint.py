@@ -60,6 +60,12 @@ def step_dir(ckpt_root: Path, step: int) -> Path:
     return ckpt_root / f"{PREFIX}{step:08d}"
 
 
+def step_of(path: str | Path) -> int | None:
+    """The step of a checkpoint folder named `step_<digits>`; None for any other name."""
+    digits = Path(path).name[len(PREFIX):]
+    return int(digits) if Path(path).name.startswith(PREFIX) and digits.isdigit() else None
+
+
 def save(ckpt_root: str | Path, step: int, model_state: dict[str, torch.Tensor], trainer_state: dict,
          config_yaml: str, keep_last: int | None = None, tokenizer_json: str | None = None) -> Path:
     root = Path(ckpt_root)
@@ -104,8 +110,8 @@ def checkpoints(ckpt_root: str | Path) -> list[Path]:
     root = Path(ckpt_root)
     if not root.is_dir():
         return []
-    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
-    return sorted(dirs, key=lambda p: int(p.name[len(PREFIX):]))
+    dirs = [p for p in root.iterdir() if p.is_dir() and step_of(p) is not None]
+    return sorted(dirs, key=step_of)
 
 
 def verify(path: str | Path) -> None:

@@ -1,12 +1,13 @@
-"""`competesmoe train`: pre-train a language model with any router (SPEC §7)."""
+"""`competesmoe train`: pre-train a language model with any router (paper Section 5.1, Appendix I)."""
 from __future__ import annotations
 
 import argparse
 
 from ..config import ROUTERS, apply_overrides, flatten, read_yaml
 from .config import RUN_PRESETS, RunConfig, run_preset
-from .loop import Trainer, dump_summary
+from .loop import Trainer
 from .metrics import plot_validation
+from .runs import dump_summary
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

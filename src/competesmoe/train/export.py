@@ -8,6 +8,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import CompeteSMoEError
+
+
+class ExportError(CompeteSMoEError, FileExistsError):
+    """The output folder cannot take the export (not a folder, or not empty without --force)."""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint folder (checkpoints/step_XXXXXXXX) or run folder (newest good checkpoint)")
@@ -17,13 +23,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def export(checkpoint: str | Path, out_dir: str | Path, force: bool = False, log=print) -> Path:
     """Load `checkpoint` with `load_trained` and write the Hugging Face folder `out_dir`."""
-    from ..train.loop import load_trained
-    from .hf import save_hf
+    from ..model.hf import save_hf
+    from .runs import load_trained
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
+        raise ExportError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out} is not empty; pass --force to overwrite its files")
+        raise ExportError(f"{out} is not empty; pass --force to overwrite its files")
     model, _, tokenizer = load_trained(checkpoint, log=log)
     save_hf(model, tokenizer, out)
     log(f"exported {checkpoint} -> {out} ({model.num_parameters():,} parameters)")
@@ -31,10 +37,5 @@ def export(checkpoint: str | Path, out_dir: str | Path, force: bool = False, log
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..train.checkpoint import CheckpointError
-    try:
-        export(args.checkpoint, args.out_dir, force=args.force)
-    except (CheckpointError, FileExistsError, ValueError) as e:
-        print(f"error: {e}")
-        return 1
+    export(args.checkpoint, args.out_dir, force=args.force)
     return 0

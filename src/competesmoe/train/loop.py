@@ -11,7 +11,6 @@ everything needed to continue bit-exactly: weights, optimizer, schedule, RNG sta
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import time
@@ -21,7 +20,6 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..config import ConfigError, flatten
 from ..errors import CompeteSMoEError
 from ..data import prepare_data
 from ..model import MoETransformer
@@ -29,6 +27,8 @@ from ..moe import CompetitionSchedule, attach_schedule, on_optimizer_step
 from . import checkpoint as ckpt
 from .config import RunConfig
 from .metrics import MetricsLogger, micro_metrics, step_metrics
+from .runs import check_same_model, load_weights
+from .validation import lm_loss
 
 
 class TrainingError(CompeteSMoEError, RuntimeError):
@@ -190,22 +190,10 @@ class Trainer:
             raise TrainingError(f"{self.consecutive_nan} consecutive non-finite losses up to step {self.step}; "
                                 f"stopping ({where})")
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
-        self.model.eval()
-        total, count = 0.0, 0
-        for batch in self.data.valid_batches(self.cfg.train.batch_size, self.cfg.train.eval_batches):
-            batch = batch.to(self.device)
-            with self._autocast():
-                out = self.model(batch[:, :-1], batch[:, 1:])
-            n = batch[:, 1:].numel()
-            total += float(out.lm_loss) * n
-            count += n
-        self.model.train()
-        if count == 0:
-            raise TrainingError("the validation split holds no complete sequence; give more validation data")
-        val = total / count
-        return {"val_loss": val, "val_ppl": math.exp(min(val, 50))}
+        t = self.cfg.train
+        val = lm_loss(self.model, self.data.valid_batches(t.batch_size, t.eval_batches), self.device, self._autocast)
+        return {"val_loss": val.loss, "val_ppl": val.ppl}
 
     # --- checkpoints ------------------------------------------------------------------------------
     def save(self) -> Path:
@@ -231,44 +219,3 @@ class Trainer:
         self.step, self.nan_skipped = state["step"], state["nan_skipped"]
         self.consecutive_nan = state["consecutive_nan"]
         self.log(f"resumed from {path} at step {self.step}")
-
-
-def check_same_model(cfg: RunConfig, saved_yaml: str, path) -> None:
-    """A checkpoint only continues the run it came from: model and data-order settings must match."""
-    import yaml
-    saved, now = flatten(yaml.safe_load(saved_yaml)), flatten(cfg.to_dict())
-    keys = [k for k in now if k.startswith("model.")] + [f"train.{k}" for k in ("steps", "batch_size", "grad_accum", "seed")]
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in keys if saved.get(k) != now[k]]
-    if diffs:
-        raise ConfigError(f"checkpoint {path} comes from another config:\n  " + "\n  ".join(diffs))
-
-
-def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path) -> None:
-    tied = {"head.weight"} if getattr(model.cfg, "tie_embeddings", False) else set()
-    expected = set(model.state_dict())
-    missing = expected - set(tensors) - tied
-    unexpected = set(tensors) - expected
-    wrong = [k for k in expected & set(tensors) if tensors[k].shape != model.state_dict()[k].shape]
-    if missing or unexpected or wrong:
-        raise ConfigError(f"checkpoint {path} does not fit this model: missing {sorted(missing)[:5]}, "
-                          f"unexpected {sorted(unexpected)[:5]}, wrong shapes {wrong[:5]}")
-    model.load_state_dict(tensors, strict=False)
-
-
-def dump_summary(summary: dict, out_dir: Path) -> None:
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-
-
-def load_trained(path: str | Path, device: str = "cpu", log=print):
-    """(model in eval mode, RunConfig, tokenizers.Tokenizer) from a checkpoint or run folder."""
-    from tokenizers import Tokenizer
-    folder = ckpt.resolve(path, log=log)
-    tensors, _, cfg_yaml = ckpt.load(folder, map_location=device)
-    import yaml
-    cfg = RunConfig.from_dict(yaml.safe_load(cfg_yaml))
-    model = MoETransformer(cfg.model).to(device)
-    load_weights(model, tensors, folder)
-    tok_path = next((p for p in (folder / "tokenizer.json", folder.parent.parent / "tokenizer.json") if p.is_file()), None)
-    if tok_path is None:
-        raise ckpt.CheckpointError(f"no tokenizer.json next to {folder} or in its run folder")
-    return model.eval(), cfg, Tokenizer.from_file(str(tok_path))

@@ -11,12 +11,7 @@ from pathlib import Path
 
 import torch
 
-
-def routing_entropy(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Entropy (nats) of the expert-selection frequency of one layer on one batch; max log N."""
-    p = torch.bincount(indices.reshape(-1), minlength=n_experts).float()
-    p = p / p.sum()
-    return -(p * p.clamp_min(1e-30).log()).sum()
+from ..moe.stats import selection_entropy
 
 
 def micro_metrics(out) -> dict[str, torch.Tensor]:
@@ -27,7 +22,7 @@ def micro_metrics(out) -> dict[str, torch.Tensor]:
         vals = [mo.stats[k] for mo in layers if k in mo.stats]
         m[k] = torch.stack(vals).mean()
     n_routed = layers[0].router_logits.shape[-1]
-    m["routing_entropy"] = torch.stack([routing_entropy(mo.indices, n_routed) for mo in layers]).mean()
+    m["routing_entropy"] = torch.stack([selection_entropy(mo.indices, n_routed) for mo in layers]).mean()
     m["competing_layers"] = torch.tensor(sum(mo.competed for mo in layers))
     return m
 
@@ -81,7 +76,7 @@ def val_points(run_dir: str | Path, tokens_per_step: float) -> list[tuple[float,
 
 def plot_validation(run_dir: str | Path, tokens_per_step: float) -> Path:
     """`RUN/val_ppl.png`: validation perplexity against training tokens."""
-    from ..analysis.plots import lines
+    from ..plots import lines
     points = val_points(run_dir, tokens_per_step)
     return lines(Path(run_dir) / "val_ppl.png", {Path(run_dir).name: tuple(zip(*points)) or ((), ())},
                  "training tokens", "validation PPL", "Validation perplexity", logy=True)

@@ -227,9 +227,14 @@ def test_analyze_cli_writes_report(run_dir, tmp_path, capsys):
     assert "Top-(K+1) shift" in (out / "analysis.md").read_text()
 
 
-def test_analyze_cli_errors_are_clear(tmp_path, capsys):
-    assert cli_main(["analyze", str(tmp_path / "missing")]) == 1
-    assert "no such run or checkpoint folder" in capsys.readouterr().err
+def test_analyze_cli_errors_are_clear(run_dir, tmp_path, capsys):
+    """Bad input: one line `error: ...` on stderr, exit 1, nothing written."""
     (tmp_path / "empty").mkdir()
-    assert cli_main(["analyze", str(tmp_path / "empty")]) == 1
-    assert "holds no checkpoint" in capsys.readouterr().err
+    for argv, msg in (([str(tmp_path / "missing")], "no such run or checkpoint folder"),
+                      ([str(tmp_path / "empty")], "holds no checkpoint"),
+                      ([str(run_dir), "--tokens", "0"], "at least one token"),
+                      ([str(run_dir), "--data", str(tmp_path / "nope.txt")], "nope.txt")):
+        assert cli_main(["analyze", *argv, "--out", str(tmp_path / "out")]) == 1
+        err = capsys.readouterr().err
+        assert msg in err and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()

@@ -85,6 +85,11 @@ def test_eval_cli_errors(tmp_path, data_dir, tiny_run, capsys):
     assert "no such checkpoint" in capsys.readouterr().err
     assert main(["eval", str(tiny_run), "--tasks", "piqa,squad", "--out", str(tmp_path / "o")]) == 1
     assert "unknown task 'squad'" in capsys.readouterr().err
+    for argv, msg in ((["--names", "a,b"], "--names has 2 names for 1 models"), (["--tasks", ","], "no task given"),
+                      (["--tasks", "piqa", "--data-dir", str(tmp_path / "none")], "does not exist")):
+        assert main(["eval", str(tiny_run), *argv, "--out", str(tmp_path / "o")]) == 1
+        err = capsys.readouterr().err
+        assert msg in err and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
 
 

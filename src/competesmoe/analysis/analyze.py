@@ -52,7 +52,7 @@ def run_token_set(ckpt: str | Path, max_tokens: int = 4096, text: str | None = N
     """Fixed analysis sequences [B, seq_len + 1]: the first `max_tokens` tokens of `text` (a file or
     folder read like training data, encoded with the run's tokenizer) or of the run's validation split."""
     if max_tokens < 1:
-        raise ConfigError(f"the token set needs max_tokens >= 1, got {max_tokens}")
+        raise ConfigError(f"the token set needs at least one token (--tokens), got {max_tokens}")
     _, cfg, tokenizer = load_trained(resolve(ckpt, log=log), log=log)
     if text is not None:
         from ..data import encode_documents, read_documents

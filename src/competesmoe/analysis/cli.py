@@ -21,11 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..config import ConfigError
     from .analyze import analyze_checkpoints, checkpoint_paths, run_token_set
     from .report import write_analysis
-    if args.tokens < 1:
-        raise ConfigError(f"--tokens must be >= 1, got {args.tokens}")
     paths = checkpoint_paths(args.paths)
     seqs = run_token_set(paths[-1], args.tokens, args.data)
     report = analyze_checkpoints(paths, seqs, args.batch_size, shift=not args.no_shift,

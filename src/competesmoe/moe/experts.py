@@ -83,23 +83,34 @@ class Experts(nn.Module):
 
     # --- sparse dispatch ---------------------------------------------------------------------------
     def mix(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
-        """y_t = Σ_k w[t, k] · g_{idx[t, k]}(x_t)  (Eq. (1)), [T, D]."""
-        # A subclass that overrides `forward` (expert parallelism) keeps its own dispatch.
-        if type(self).forward is Experts.forward and self._use_triton(x_TD):
+        """y_t = Σ_k w[t, k] · g_{idx[t, k]}(x_t)  (Eq. (1)), [T, D].
+
+        The weights scale φ(h) before the second matmul ([M, H], cheaper than the [M, D] outputs) and the
+        pairs are summed into their tokens by one index_add: no [T, K, D] outputs, no un-sorting.
+        """
+        if type(self).forward is not Experts.forward:   # a subclass (expert parallelism) keeps its dispatch
+            return self.combine(self(x_TD, idx_TK), w_TK)
+        if self._use_triton(x_TD):
             return self._triton(x_TD, idx_TK, w_TK)
-        return self.combine(self(x_TD, idx_TK), w_TK)
+        return self._sorted(x_TD, idx_TK, w_TK)
 
     def forward(self, x_TD: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:
         """Expert `idx_TK[t, k]` applied to token t: [T, K, D] (unweighted)."""
         if self._use_triton(x_TD):
             return self._triton(x_TD, idx_TK)
+        return self._sorted(x_TD, idx_TK)
+
+    def _sorted(self, x_TD, idx_TK, w_TK=None) -> torch.Tensor:
+        """Pairs sorted by expert, one grouped matmul per weight: Σ_k-weighted [T, D], or [T, K, D]."""
         T, K = idx_TK.shape
         dt = compute_dtype(x_TD)
         flat_M = idx_TK.reshape(-1)
         order_M = flat_M.argsort(stable=True)                 # pairs sorted by expert
         e_M = flat_M.index_select(0, order_M)                 # expert of each sorted pair
+        tok_M = order_M // K                                  # token of each sorted pair
         counts_N = torch.bincount(flat_M, minlength=self.n_experts)
-        x_MD = x_TD.to(dt).index_select(0, order_M // K)
+        x_MD = x_TD.to(dt).index_select(0, tok_M)
+        scale_M = None if w_TK is None else w_TK.reshape(-1).index_select(0, order_M).to(dt)
         w1, w2 = self.w1.to(dt).transpose(1, 2), self.w2.to(dt).transpose(1, 2)   # [N, in, out] views
         b1 = None if self.b1 is None else self.b1.to(dt)
         b2 = None if self.b2 is None else self.b2.to(dt)
@@ -108,12 +119,16 @@ class Experts(nn.Module):
             h_MH = F.grouped_mm(x_MD, w1, offs=offs)
             if b1 is not None:
                 h_MH = h_MH + b1.index_select(0, e_M)
-            out_MD = F.grouped_mm(self._act(h_MH), w2, offs=offs)
+            a_MH = self._act(h_MH)
+            out_MD = F.grouped_mm(a_MH if scale_M is None else a_MH * scale_M[:, None], w2, offs=offs)
             if b2 is not None:
-                out_MD = out_MD + b2.index_select(0, e_M)
+                b2_MD = b2.index_select(0, e_M)
+                out_MD = out_MD + (b2_MD if scale_M is None else b2_MD * scale_M[:, None])
         else:
-            out_MD = self._loop(x_MD, w1, w2, b1, b2, counts_N.tolist())
-        return out_MD.index_select(0, order_M.argsort()).view(T, K, -1)
+            out_MD = self._loop(x_MD, w1, w2, b1, b2, counts_N.tolist(), scale_M)
+        if w_TK is None:                                      # back to pair order: one scatter
+            return out_MD.new_empty(out_MD.shape).index_copy(0, order_M, out_MD).view(T, K, -1)
+        return out_MD.new_zeros(T, out_MD.shape[1]).index_add(0, tok_M, out_MD)
 
     def _use_triton(self, x_TD: torch.Tensor) -> bool:
         if self.backend not in ("auto", "triton") or x_TD.shape[0] == 0:
@@ -135,17 +150,21 @@ class Experts(nn.Module):
         with torch.autocast(x_TD.device.type, enabled=False):     # the kernels take the compute dtype
             return triton_moe.fused_experts(x_TD.to(dt), *cast, idx_TK, self._act, w_TK)
 
-    def _loop(self, x_MD, w1, w2, b1, b2, counts: list[int]) -> torch.Tensor:
+    def _loop(self, x_MD, w1, w2, b1, b2, counts: list[int], scale_M=None) -> torch.Tensor:
         # split (not slicing): its backward concatenates the chunks' gradients instead of
         # materialising a full-size zero gradient per expert.
         outs = []
-        for e, x_nD in enumerate(x_MD.split(counts)):
+        scales = [None] * len(counts) if scale_M is None else scale_M[:, None].split(counts)
+        for e, (x_nD, s_n) in enumerate(zip(x_MD.split(counts), scales)):
             if x_nD.shape[0] == 0:
                 continue
             h = x_nD @ w1[e]
             h = h if b1 is None else h + b1[e]
-            out = self._act(h) @ w2[e]
-            outs.append(out if b2 is None else out + b2[e])
+            a = self._act(h)
+            out = (a if s_n is None else a * s_n) @ w2[e]
+            if b2 is not None:
+                out = out + (b2[e] if s_n is None else b2[e] * s_n)
+            outs.append(out)
         return torch.cat(outs) if outs else x_MD.new_zeros(0, self.d_model)
 
     def _use_grouped_mm(self, x_MD, w1, w2) -> bool:

@@ -306,10 +306,10 @@ def test_loader_errors(tmp_path, monkeypatch):
     with pytest.raises(TaskDataError, match="arc_easy.jsonl: no items"):
         evaluate(stub, tok, ["arc_easy"], root, progress=False)
     (root / "arc_easy.jsonl").write_text('{"query": "Q", "choices": ["a", "b"], "gold": 0}\n{"query": \n')
-    with pytest.raises(TaskDataError, match=r"arc_easy.jsonl:2: invalid JSON"):
+    with pytest.raises(TaskDataError, match=r"arc_easy.jsonl: line 2: not valid JSON"):
         evaluate(stub, tok, ["arc_easy"], root, progress=False)
     (root / "arc_easy.jsonl").write_text('{"query": "Q", "choices": ["a", "b"]}\n')
-    with pytest.raises(TaskDataError, match=r"arc_easy.jsonl:1: missing field\(s\) \['gold'\]"):
+    with pytest.raises(TaskDataError, match=r"arc_easy.jsonl: line 1: missing field\(s\) \['gold'\]"):
         evaluate(stub, tok, ["arc_easy"], root, progress=False)
     (root / "arc_easy.jsonl").write_text('{"query": "Q", "choices": ["a", "b"], "gold": 2}\n')
     with pytest.raises(TaskDataError, match="'gold'=2 is not an index"):

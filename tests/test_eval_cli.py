@@ -8,18 +8,7 @@ from pathlib import Path
 import pytest
 
 from competesmoe.cli import main
-from test_hf import train_tiny_run
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> Path:
-    return train_tiny_run(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="session")
-def exported(tiny_run, tmp_path_factory) -> Path:
-    from competesmoe.train.export import export
-    return export(tiny_run, tmp_path_factory.mktemp("hf_eval") / "model", log=lambda *_: None)
+from test_hf import exported, tiny_run  # noqa: F401  (the same session fixtures: a tiny run and its export)
 
 
 def _jsonl(path: Path, rows: list[dict]) -> None:

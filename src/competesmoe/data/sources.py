@@ -16,6 +16,7 @@ import hashlib
 import json
 import zlib
 from pathlib import Path
+from typing import Any, Iterable, Iterator
 
 from ..errors import CompeteSMoEError
 
@@ -119,15 +120,21 @@ def _read_bytes(path: Path) -> bytes:
         raise DataError(f"{path}: cannot read ({e})") from None
 
 
-def _parse_jsonl(path: Path, text: str) -> list[str]:
-    docs = []
-    for i, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
+def jsonl_values(path: Path, lines: Iterable[str], error: type[Exception] = DataError) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line of JSON Lines text, lazily; a line that is not
+    JSON raises `error` naming the file and line."""
+    for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            yield i, json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {i}: not valid JSON ({e.msg} at column {e.colno})") from None
+            raise error(f"{path}: line {i}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def _parse_jsonl(path: Path, text: str) -> list[str]:
+    docs = []
+    for i, obj in jsonl_values(path, text.split("\n")):  # not splitlines(): JSON strings may hold U+2028
         if not isinstance(obj, dict) or "text" not in obj:
             raise DataError(f"{path}: line {i}: no 'text' field (expected an object like {{\"text\": \"...\"}})")
         if not isinstance(obj["text"], str):

@@ -7,12 +7,12 @@ prompt formats follow lm-evaluation-harness (see `docs/eval.md`). Any problem wi
 from __future__ import annotations
 
 import gzip
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..data.sources import jsonl_values
 from ..errors import CompeteSMoEError
 
 DEFAULT_DATA_DIR = Path("../shared/data/eval")
@@ -80,21 +80,15 @@ def read_jsonl(path: Path, fields: tuple[str, ...], limit: int | None = None) ->
     rows: list[dict[str, Any]] = []
     try:
         with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if limit is not None and len(rows) >= limit:
-                    break
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TaskDataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            for lineno, row in jsonl_values(path, f, TaskDataError):
                 if not isinstance(row, dict):
-                    raise TaskDataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                    raise TaskDataError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
                 missing = [k for k in fields if k not in row]
                 if missing:
-                    raise TaskDataError(f"{path}:{lineno}: missing field(s) {missing}; expected {list(fields)}")
+                    raise TaskDataError(f"{path}: line {lineno}: missing field(s) {missing}; expected {list(fields)}")
                 rows.append(row)
+                if limit is not None and len(rows) >= limit:
+                    break
     except (OSError, UnicodeDecodeError, EOFError) as e:
         raise TaskDataError(f"cannot read {path}: {e}") from e
     if not rows:

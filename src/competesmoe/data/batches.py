@@ -126,3 +126,32 @@ class SequentialBatches:
         for b in range(self.n_batches):
             index = np.arange(b * self.batch_size, min((b + 1) * self.batch_size, self.n_sequences))
             yield gather(self.tokens, index, self.seq_len)
+
+
+class RankShard:
+    """Rank `rank` of `world`'s rows of every batch of a `BatchIterator`: rows [rank·b/P, (rank+1)·b/P).
+
+    Every rank advances the same global iterator (indices only), so the global batch is the config's
+    whatever P is, the data position is the same on every rank (a run resumes with another P), and each
+    rank reads only its own rows.
+    """
+
+    def __init__(self, batches: BatchIterator, rank: int, world: int):
+        if batches.batch_size % world:
+            raise DataError(f"train.batch_size={batches.batch_size} (the global micro-batch) must be divisible by "
+                            f"the {world} processes")
+        self.batches, self.rank, self.world = batches, rank, world
+        self.batch_size = batches.batch_size // world
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        mine = self.batches.next_indices()[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return gather(self.batches.tokens, mine, self.batches.seq_len)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batches.load_state_dict(state)

@@ -128,6 +128,9 @@ def all_affinities(experts, x_TD: torch.Tensor, kappa: str, chunk_tokens: int
     Runs all experts on `chunk_tokens` tokens at a time so the [N, chunk, D] buffer stays bounded.
     For `softmax` it also returns the per-coordinate log-normaliser over experts, lse_TD.
     """
+    scored = getattr(experts, "all_affinities", None)   # expert parallelism: each rank scores its own experts
+    if scored is not None:
+        return scored(x_TD, kappa, chunk_tokens)
     a_chunks, lse_chunks = [], []
     for x_cD in x_TD.split(chunk_tokens):
         out_NcD = fp32(experts.forward_all(x_cD))

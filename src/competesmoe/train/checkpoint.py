@@ -87,14 +87,20 @@ def save(ckpt_root: str | Path, step: int, model_state: dict[str, torch.Tensor],
     buf = io.BytesIO()
     torch.save(trainer_state, buf)
     _fsync_write(tmp / "trainer.pt", buf.getvalue())
+    return _finish(root, tmp, final, step, config_yaml, tokenizer_json, keep_last)
+
+
+def _finish(root: Path, tmp: Path, final: Path, step: int, config_yaml: str, tokenizer_json: str | None,
+            keep_last: int | None) -> Path:
+    """Config, tokenizer and the manifest of every file in `tmp`, then the atomic rename into place."""
     _fsync_write(tmp / "config.yaml", config_yaml.encode())
-    names = list(FILES)
     if tokenizer_json is not None:
         _fsync_write(tmp / "tokenizer.json", tokenizer_json.encode())
-        names.append("tokenizer.json")
+    names = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file())
     manifest = {"step": step, "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in names}}
     _fsync_write(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
-    _fsync_dir(tmp)
+    for d in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:
+        _fsync_dir(d)
     if final.exists():  # never overwrite: keep whatever was there (e.g. a corrupt one) aside
         final.rename(root / f"{final.name}.replaced-{time.time_ns()}")
     tmp.rename(final)
@@ -160,10 +166,72 @@ def resolve(path: str | Path, log=print) -> Path:
     raise CheckpointError(f"{path}: no valid checkpoint found")
 
 
-def load(path: str | Path, map_location="cpu") -> tuple[dict[str, torch.Tensor], dict, str]:
-    """(model tensors, trainer state, config yaml) of a verified checkpoint folder."""
+def load(path: str | Path, map_location="cpu", tensors: bool = True
+         ) -> tuple[dict[str, torch.Tensor] | None, dict, str]:
+    """(model tensors, trainer state, config yaml) of a verified checkpoint folder, either format;
+    `tensors=False` skips reading the weights (a sharded run loads its shards with `load_shards`)."""
     path = Path(path)
     verify(path)
-    tensors = load_file(str(path / "model.safetensors"), device=str(map_location))
+    if not tensors:
+        tensors = None
+    elif is_sharded(path):
+        tensors = full_model_tensors(path, map_location)
+    else:
+        tensors = load_file(str(path / "model.safetensors"), device=str(map_location))
     trainer_state = torch.load(path / "trainer.pt", map_location=map_location, weights_only=False)
     return tensors, trainer_state, (path / "config.yaml").read_text()
+
+
+# --- sharded checkpoints (several processes) ----------------------------------------------------------
+# A run on P > 1 processes writes `dcp/` (torch.distributed.checkpoint: `.metadata` + one file per rank,
+# {"model": weights, "optim": AdamW state by parameter name}, DTensors where weights are sharded) instead
+# of model.safetensors, and trainer.pt without the optimizer. The same manifest covers every file. DCP
+# reshards on load, so such a checkpoint resumes on any number of processes, and a single process
+# (resume, eval, export) reads it without a process group.
+SHARDS = "dcp"
+
+
+def is_sharded(path: str | Path) -> bool:
+    return (Path(path) / SHARDS).is_dir()
+
+
+def save_sharded(ckpt_root: str | Path, step: int, shards: dict, trainer_state: dict, config_yaml: str,
+                 keep_last: int | None = None, tokenizer_json: str | None = None) -> Path:
+    """Called by every rank: each writes its shards, rank 0 the rest (same atomicity as `save`)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    root = Path(ckpt_root)
+    final = step_dir(root, step)
+    name = [f".tmp-{final.name}-{os.getpid()}-{time.time_ns()}"]
+    if dist.get_rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+    dist.broadcast_object_list(name, src=0)   # one temporary folder for all ranks (a shared file system)
+    tmp = root / name[0]
+    dcp.save(shards, storage_writer=dcp.FileSystemWriter(str(tmp / SHARDS), sync_files=True))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        buf = io.BytesIO()
+        torch.save(trainer_state, buf)
+        _fsync_write(tmp / "trainer.pt", buf.getvalue())
+        _finish(root, tmp, final, step, config_yaml, tokenizer_json, keep_last)
+    dist.barrier()
+    return final
+
+
+def load_shards(path: str | Path, target: dict) -> None:
+    """Fill `target` (this run's layout, see `Dist.model_state`) in place from a sharded checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    import torch.distributed as dist
+    dcp.load(target, storage_reader=dcp.FileSystemReader(str(Path(path) / SHARDS)), no_dist=not dist.is_initialized())
+
+
+def full_model_tensors(path: str | Path, map_location="cpu") -> dict[str, torch.Tensor]:
+    """The full weights of a sharded checkpoint in one process (no process group needed)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    reader = dcp.FileSystemReader(str(Path(path) / SHARDS))
+    meta = reader.read_metadata().state_dict_metadata
+    model = {k[len("model."):]: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
+             if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    dcp.load({"model": model}, storage_reader=reader, no_dist=True)
+    return {k: v.to(map_location) for k, v in model.items()}

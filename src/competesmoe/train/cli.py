@@ -46,6 +46,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     trainer = Trainer(cfg, resume=args.resume)
     summary = trainer.train()
+    if not trainer.dist.is_main:  # under torchrun, rank 0 writes the summary and the curve
+        return 0
     dump_summary(summary, trainer.out)
     plot = plot_validation(trainer.out, cfg.tokens_per_step)
     print(f"final validation perplexity: {summary['val_ppl']:.2f} (loss {summary['val_loss']:.4f}) "

@@ -33,6 +33,8 @@ class TrainConfig(Config):
     nan_policy: str = "skip"          # non-finite loss: "skip" the step (counted) or "stop" with an error
     max_nan_skips: int = 10           # consecutive skipped steps before stopping anyway
     tensorboard: bool = True
+    parallel: str = "ddp"             # under torchrun: "ddp" (replicated weights), "fsdp" (FSDP2 shards), "none"
+    expert_parallel: int = 1          # E: each MoE layer's experts split over E ranks (docs/distributed.md)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)   # competition (competesmoe only)
 
     def validate(self) -> None:
@@ -47,6 +49,9 @@ class TrainConfig(Config):
         check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "betas must be in [0, 1)")
         check_choice("train.precision", self.precision, ("fp32", "bf16"))
         check_choice("train.nan_policy", self.nan_policy, ("skip", "stop"))
+        check_choice("train.parallel", self.parallel, ("none", "ddp", "fsdp"))
+        check(isinstance(self.expert_parallel, int) and self.expert_parallel >= 1,
+              f"train.expert_parallel must be an integer >= 1, got {self.expert_parallel!r}")
         check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
               f"train.device must be auto, cpu, cuda[:N] or mps, got {self.device!r}")
 
@@ -65,6 +70,8 @@ class RunConfig(Config):
     def validate(self) -> None:
         check(self.data.seq_len <= self.model.max_seq_len,
               f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        E, n = self.train.expert_parallel, self.model.block_moe.n_routed
+        check(n % E == 0, f"train.expert_parallel={E} must divide the {n} routed experts of each layer")
 
 
 def _run(model: str, seq_len: int, vocab: int, **train) -> RunConfig:

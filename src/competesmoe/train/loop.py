@@ -25,6 +25,7 @@ from ..data import prepare_data
 from ..model import MoETransformer
 from ..moe import CompetitionSchedule, attach_schedule, on_optimizer_step
 from . import checkpoint as ckpt
+from . import distributed
 from .config import RunConfig
 from .metrics import MetricsLogger, micro_metrics, step_metrics
 from .runs import check_same_model, load_weights
@@ -72,35 +73,40 @@ def set_rng_state(state: dict) -> None:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, resume: bool = False, log=print) -> None:
-        self.cfg, self.log = cfg, log
         t = cfg.train
+        self.dist = distributed.setup(t, resolve_device(t.device))   # torchrun: process group, rank, device
+        log = self.dist.logger(log)                                  # rank 0 logs, the others stay quiet
+        self.cfg, self.log = cfg, log
         self.out = Path(t.out_dir)
         self.ckpt_root = self.out / "checkpoints"
         existing = ckpt.checkpoints(self.ckpt_root)
         if existing and not resume:
             raise TrainingError(f"{self.out} already holds checkpoints; pass --resume to continue, "
                                 f"or choose another --out (nothing was overwritten)")
-        self.device = resolve_device(t.device)
+        self.device = self.dist.device
         seed_everything(t.seed)
 
-        self.data = prepare_data(cfg.data, log=log)
+        self.data = self.dist.main_first(lambda: prepare_data(cfg.data, log=log))   # rank 0 fills the cache
         if self.data.vocab_size != cfg.model.vocab_size:
             log(f"model.vocab_size set to the tokenizer's {self.data.vocab_size} (was {cfg.model.vocab_size})")
             cfg.model.vocab_size = self.data.vocab_size
         self.model = MoETransformer(cfg.model).to(self.device)
-        self.optimizer = self._optimizer()
+        self.train_model = self.dist.parallelize(self.model, log)   # the module forward runs through (DDP, FSDP2)
+        self.optimizer = self.dist.adapt_optimizer(self._optimizer())
         self.schedule = CompetitionSchedule.from_config(t.schedule, cfg.model.n_layers, t.steps)
         attach_schedule(self.model, self.schedule)
-        self.batches = self.data.train_batches(t.batch_size, seed=cfg.data.seed)
+        self.dist.check_schedule(self.schedule)
+        self.batches = self.dist.shard_batches(self.data.train_batches(t.batch_size, seed=cfg.data.seed))
         self.step, self.nan_skipped, self.consecutive_nan = 0, 0, 0
         self.last_val: dict | None = None
         if resume:  # refuses a checkpoint of another config before anything in the run folder changes
             self._restore()
 
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.data.tokenizer.save(str(self.out / "tokenizer.json"))
-        cfg.to_yaml(self.out / "config.yaml")
-        self.metrics = MetricsLogger(self.out, tensorboard=t.tensorboard)
+        if self.dist.is_main:  # one writer of the run folder
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.data.tokenizer.save(str(self.out / "tokenizer.json"))
+            cfg.to_yaml(self.out / "config.yaml")
+        self.metrics = MetricsLogger(self.out, tensorboard=t.tensorboard) if self.dist.is_main else distributed.NoMetrics()
         total, active = self.model.num_parameters(), self.model.num_parameters(active=True)
         log(f"model: {total:,} parameters, {active:,} active per token "
             f"({cfg.model.n_layers} layers, {cfg.model.moe.router}, {cfg.model.moe.n_experts} experts, "
@@ -125,18 +131,19 @@ class Trainer:
         t = self.cfg.train
         tokens_per_step = self.cfg.tokens_per_step
         from tqdm.auto import tqdm
-        bar = tqdm(total=t.steps, initial=self.step, desc="train", dynamic_ncols=True, disable=None)
+        bar = tqdm(total=t.steps, initial=self.step, desc="train", dynamic_ncols=True,
+                   disable=None if self.dist.is_main else True)
         tic = time.perf_counter()
         while self.step < t.steps:
             lr = lr_at(self.step, t)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.model.train()
-            micro = [self._micro_step() for _ in range(t.grad_accum)]   # detached scalars only
+            micro = [self._micro_step(i == t.grad_accum - 1) for i in range(t.grad_accum)]   # detached scalars only
             loss = sum(m["loss"] for m in micro) / t.grad_accum
-            grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip) if t.grad_clip > 0
-                         else torch.sqrt(sum(p.grad.square().sum() for p in self.model.parameters() if p.grad is not None)))
-            finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+            self.dist.after_backward(self.model)
+            grad_norm = self.dist.clip_grad_norm(self.model, t.grad_clip)
+            finite = self.dist.all_agree(bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm)))
             if finite:
                 self.optimizer.step()
                 self.consecutive_nan = 0
@@ -149,7 +156,7 @@ class Trainer:
 
             if self.step % t.log_every == 0 or self.step == t.steps:
                 elapsed, tic = time.perf_counter() - tic, time.perf_counter()
-                m = step_metrics(micro, grad_norm, lr)
+                m = step_metrics(self.dist.reduce_metrics(micro), grad_norm, lr)
                 m["tokens_per_s"] = tokens_per_step * t.log_every / elapsed if self.step % t.log_every == 0 else None
                 m["nan_skipped"] = self.nan_skipped
                 self.metrics.log(self.step, m)
@@ -167,13 +174,15 @@ class Trainer:
         final = self.last_val if self.last_val is not None else self.evaluate()
         return {"step": self.step, **final, "nan_skipped": self.nan_skipped, "out_dir": str(self.out)}
 
-    def _micro_step(self) -> dict[str, torch.Tensor]:
+    def _micro_step(self, last: bool = True) -> dict[str, torch.Tensor]:
         """Forward + backward of one micro-batch; returns detached scalars, so no micro-batch's
-        activations or logits outlive its backward (memory does not grow with grad_accum)."""
+        activations or logits outlive its backward (memory does not grow with grad_accum).
+        Several processes reduce gradients on the `last` micro-batch of the step only."""
         batch = next(self.batches).to(self.device)
-        with self._autocast():
-            out = self.model(batch[:, :-1], batch[:, 1:])
-        (out.loss / self.cfg.train.grad_accum).backward()
+        with self.dist.sync_context(last):
+            with self._autocast():
+                out = self.train_model(batch[:, :-1], batch[:, 1:])
+            (out.loss / self.cfg.train.grad_accum).backward()
         return micro_metrics(out)
 
     def _non_finite(self, loss: float) -> None:
@@ -200,6 +209,9 @@ class Trainer:
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
                  "rng": rng_state(), "data": self.batches.state_dict(), "nan_skipped": self.nan_skipped,
                  "consecutive_nan": self.consecutive_nan, "version": __version__}
+        if self.dist.world > 1:  # every rank writes its shards through torch.distributed.checkpoint
+            return self.dist.save(self.ckpt_root, self.step, self.model, self.optimizer, state, self.cfg.to_yaml(),
+                                  keep_last=self.cfg.train.keep_last, tokenizer_json=self.data.tokenizer.to_str())
         return ckpt.save(self.ckpt_root, self.step, self.model.state_dict(), state, self.cfg.to_yaml(),
                          keep_last=self.cfg.train.keep_last, tokenizer_json=self.data.tokenizer.to_str())
 
@@ -208,10 +220,9 @@ class Trainer:
         if path is None:
             self.log(f"no checkpoint in {self.ckpt_root}: starting from scratch")
             return
-        tensors, state, cfg_yaml = ckpt.load(path, map_location=self.device)
+        tensors, state, cfg_yaml = ckpt.load(path, map_location=self.device, tensors=not ckpt.is_sharded(path))
         check_same_model(self.cfg, cfg_yaml, path)
-        load_weights(self.model, tensors, path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.dist.load_state(self.model, self.optimizer, path, tensors, state, load_weights)  # any layout, any P
         self.schedule.load_state_dict(state["schedule"])
         attach_schedule(self.model, self.schedule)
         self.batches.load_state_dict(state["data"])

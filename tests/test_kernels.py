@@ -1,26 +1,22 @@
 """The fused Triton dispatch (moe/kernels/triton_moe.py) against naive per-token loops.
 
-Runs on CPU through the Triton interpreter (TRITON_INTERPRET=1, set here before the kernels are
-defined), so CI covers the kernels without a GPU; on a CUDA machine the same tests run the compiled ones.
+Runs on CPU through the Triton interpreter (TRITON_INTERPRET=1, which tests/conftest.py sets before
+triton is first imported), so CI covers the kernels without a GPU; on a CUDA machine the same tests run
+the compiled ones.
 Outputs and every gradient (x, W1, W2, biases, routing weights) in float32 and bfloat16.
 """
 from __future__ import annotations
 
-import importlib
 import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+import reference as ref
+from competesmoe import MoE, MoEConfig
+from competesmoe.moe.experts import Experts
+from competesmoe.moe.kernels import triton_moe as tm
 
-import reference as ref  # noqa: E402
-from competesmoe import MoE, MoEConfig  # noqa: E402
-from competesmoe.moe import kernels  # noqa: E402
-from competesmoe.moe.experts import Experts  # noqa: E402
-
-tm = importlib.reload(kernels.triton_moe)   # defined under the interpreter even if imported before
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (T, D, H, N, K): uneven sizes (masks), K = 1, and experts that receive no token (N > T·K).

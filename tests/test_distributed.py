@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -27,6 +28,8 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from competesmoe.config import CompetitionConfig, LossConfig, MoEConfig
+from competesmoe.data import BatchIterator, DataError
+from competesmoe.data.batches import RankShard
 from competesmoe.moe import CompetitionSchedule, MoE
 from competesmoe.moe.expert_parallel import ExpertParallelExperts, exchange_method
 from competesmoe.train import Trainer, run_preset
@@ -261,6 +264,17 @@ def _schedule_check(rank):
 
 def test_expert_parallel_layer_equals_the_single_process_layer_and_mismatched_schedules_are_refused():
     _spawn(_layer_worker)       # one pair of processes for both (each start imports torch and competesmoe)
+
+
+def test_rank_shards_are_the_rows_of_the_global_batch_and_share_one_position():
+    tokens = np.arange(5000) % 97
+    whole = BatchIterator(tokens, 16, 6, seed=3)
+    shards = [RankShard(BatchIterator(tokens, 16, 6, seed=3), r, 3) for r in range(3)]
+    for _ in range(40):                       # several epochs: batches straddle epoch boundaries
+        assert torch.equal(torch.cat([next(s) for s in shards]), next(whole))
+    assert all(s.state_dict() == whole.state_dict() for s in shards)
+    with pytest.raises(DataError, match="batch_size=6 .* must be divisible by the 4 processes"):
+        RankShard(whole, 0, 4)
 
 
 def test_single_process_refuses_expert_parallel_and_config_checks(tmp_path):

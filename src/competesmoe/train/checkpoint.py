@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -222,7 +223,9 @@ def load_shards(path: str | Path, target: dict) -> None:
     """Fill `target` (this run's layout, see `Dist.model_state`) in place from a sharded checkpoint."""
     import torch.distributed.checkpoint as dcp
     import torch.distributed as dist
-    dcp.load(target, storage_reader=dcp.FileSystemReader(str(Path(path) / SHARDS)), no_dist=not dist.is_initialized())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(target, storage_reader=dcp.FileSystemReader(str(Path(path) / SHARDS)), no_dist=not dist.is_initialized())
 
 
 def full_model_tensors(path: str | Path, map_location="cpu") -> dict[str, torch.Tensor]:
@@ -233,5 +236,7 @@ def full_model_tensors(path: str | Path, map_location="cpu") -> dict[str, torch.
     meta = reader.read_metadata().state_dict_metadata
     model = {k[len("model."):]: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
              if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
-    dcp.load({"model": model}, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():   # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": model}, storage_reader=reader, no_dist=True)
     return {k: v.to(map_location) for k, v in model.items()}

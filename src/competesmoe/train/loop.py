@@ -58,8 +58,8 @@ def seed_everything(seed: int) -> None:
 
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this process's device only (get_rng_state_all would open every GPU on every rank)
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -68,7 +68,8 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]   # older checkpoints hold a list, one state per device
+        torch.cuda.set_rng_state(cuda) if isinstance(cuda, torch.Tensor) else torch.cuda.set_rng_state_all(cuda)
 
 
 class Trainer:

@@ -19,6 +19,7 @@ from torch import nn
 from ..config import Config, LossConfig, MoEConfig, apply_overrides, check, check_choice
 from ..moe import MoE
 from ..moe.experts import Experts
+from .loss import lm_cross_entropy
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -119,9 +120,22 @@ class Attention(nn.Module):
         if not causal:
             past = k.shape[2] - S
             mask = torch.ones(S, k.shape[2], dtype=torch.bool, device=x_BSD.device).tril(diagonal=past)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and S > 1,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        o = self._sdpa(q, k, v, mask, causal and S > 1)
         return self.out(o.transpose(1, 2).reshape(B, S, -1)), (k, v)
+
+    # Flash attention needs a head dimension that is a multiple of 8 (paper-151m has 82). On these devices
+    # the heads are zero-padded for the kernel: q·k and the first d_head output columns do not change, and
+    # the softmax scale stays 1/sqrt(d_head). Elsewhere (CPU) padding would only cost time.
+    pad_devices: tuple[str, ...] = ("cuda",)
+
+    def _sdpa(self, q, k, v, mask, causal: bool):
+        d = q.shape[-1]
+        pad = -d % 8 if q.device.type in self.pad_devices else 0
+        if pad:
+            q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=1 / math.sqrt(d),
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return o[..., :d] if pad else o
 
 
 class Block(nn.Module):
@@ -208,7 +222,7 @@ class MoETransformer(nn.Module):
         aux = aux.sum() if self.cfg.aux_reduction == "sum" else aux.mean()
         lm_loss = loss = None
         if targets is not None:
-            lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+            lm_loss = lm_cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))   # no fp32 [B·S, V] copies
             loss = lm_loss + aux
         return LMOutput(logits, loss, lm_loss, aux, outs, new_cache if use_cache else None)
 

@@ -12,65 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from .precision import fp32
+from .rowwise import rowwise
 
 _ELEMENTWISE = {"softplus": F.softplus, "silu": F.silu, "sigmoid": torch.sigmoid, "relu": F.relu}
-
-# Elements per block of `rowwise`: its float32 temporaries are a few times this size. Small blocks stay in
-# cache on CPU; on accelerators fewer, larger blocks keep the number of kernel launches low.
-_BLOCK_ELEMENTS = {"cpu": 1 << 20}
-_BLOCK_DEFAULT = 1 << 24
-
-
-class _RowwiseRecompute(torch.autograd.Function):
-    """fn(x, *consts) block by block along dim 0; backward recomputes fn per block (no saved temporaries).
-
-    fn returns one tensor or a tuple of tensors, each with the rows of x along dim 0.
-    """
-
-    @staticmethod
-    def forward(ctx, fn, rows: int, x, *consts):
-        ctx.fn, ctx.rows = fn, rows
-        ctx.save_for_backward(x, *consts)
-        return _blocks(fn, rows, x, consts)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, *g):
-        x, *consts = ctx.saved_tensors
-        gx = torch.empty_like(x)           # the only full-size buffer: one gradient for every output
-        for i in range(0, x.shape[0], ctx.rows):
-            with torch.enable_grad():
-                xb = x[i:i + ctx.rows].detach().requires_grad_()
-                yb = ctx.fn(xb, *(c[i:i + ctx.rows] for c in consts))
-                yb = yb if isinstance(yb, tuple) else (yb,)
-                used = [(y, gi[i:i + ctx.rows]) for y, gi in zip(yb, g) if y.requires_grad]
-                gb = torch.autograd.grad([y for y, _ in used], xb, [gi for _, gi in used], allow_unused=True)[0]
-            gx[i:i + ctx.rows] = 0 if gb is None else gb
-        return (None, None, gx) + (None,) * len(consts)
-
-
-def _blocks(fn, rows, x, consts):
-    outs = [fn(xb, *cb) for xb, *cb in zip(x.split(rows), *(c.split(rows) for c in consts))]
-    if isinstance(outs[0], tuple):
-        return tuple(torch.cat(parts) for parts in zip(*outs))
-    return torch.cat(outs)
-
-
-def rowwise(fn, x: torch.Tensor, *consts: torch.Tensor):
-    """fn applied to blocks of rows of x (dim 0) with the matching rows of `consts` (no gradient for them).
-
-    fn must treat rows independently and may return a tuple. With a gradient, only x and consts are kept
-    for backward, and backward materialises a single gradient of x's size.
-    """
-    if any(c.requires_grad for c in consts):
-        raise ValueError("rowwise: the constant inputs must not require a gradient")
-    row = max(1, x[:1].numel())
-    rows = max(1, _BLOCK_ELEMENTS.get(x.device.type, _BLOCK_DEFAULT) // row)
-    with torch.autocast(x.device.type, enabled=False):   # explicit float32 inside fn; same in backward
-        if not (torch.is_grad_enabled() and x.requires_grad):
-            return _blocks(fn, rows, x, consts)
-        return _RowwiseRecompute.apply(fn, rows, x, *consts)
-
 
 def winners_outputs(out_TKD: torch.Tensor, kappa: str, eps: float, lse_TD: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

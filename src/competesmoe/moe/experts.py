@@ -127,7 +127,7 @@ class Experts(nn.Module):
         else:
             out_MD = self._loop(x_MD, w1, w2, b1, b2, counts_N.tolist(), scale_M)
         if w_TK is None:                                      # back to pair order: one scatter
-            return out_MD.new_empty(out_MD.shape).index_copy(0, order_M, out_MD).view(T, K, -1)
+            return torch.empty_like(out_MD).index_copy_(0, order_M, out_MD).view(T, K, -1)
         return out_MD.new_zeros(T, out_MD.shape[1]).index_add(0, tok_M, out_MD)
 
     def _use_triton(self, x_TD: torch.Tensor) -> bool:

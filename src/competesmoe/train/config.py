@@ -33,6 +33,7 @@ class TrainConfig(Config):
     nan_policy: str = "skip"          # non-finite loss: "skip" the step (counted) or "stop" with an error
     max_nan_skips: int = 10           # consecutive skipped steps before stopping anyway
     tensorboard: bool = True
+    compile: bool = False             # torch.compile the model's forward (in place: same module, same checkpoints)
     parallel: str = "ddp"             # under torchrun: "ddp" (replicated weights), "fsdp" (FSDP2 shards), "none"
     expert_parallel: int = 1          # E: each MoE layer's experts split over E ranks (docs/distributed.md)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)   # competition (competesmoe only)

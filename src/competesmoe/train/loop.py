@@ -92,6 +92,8 @@ class Trainer:
             log(f"model.vocab_size set to the tokenizer's {self.data.vocab_size} (was {cfg.model.vocab_size})")
             cfg.model.vocab_size = self.data.vocab_size
         self.model = MoETransformer(cfg.model).to(self.device)
+        if t.compile:
+            self.model.compile()      # torch.compile in place: state_dict keys and checkpoints unchanged
         self.train_model = self.dist.parallelize(self.model, log)   # the module forward runs through (DDP, FSDP2)
         self.optimizer = self.dist.adapt_optimizer(self._optimizer())
         self.schedule = CompetitionSchedule.from_config(t.schedule, cfg.model.n_layers, t.steps)

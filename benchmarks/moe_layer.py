@@ -39,11 +39,11 @@ SHAPES = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def make_moe(shape: str, router: str, device: str, activation: str | None = None) -> MoE:
+def make_moe(shape: str, router: str, device: str, activation: str | None = None, backend: str = "auto") -> MoE:
     kw = dict(SHAPES[shape])
     if activation:
         kw["activation"] = activation
-    return MoE(MoEConfig(**kw, router=router, losses=LossConfig(balance="none"))).to(device).train()
+    return MoE(MoEConfig(**kw, router=router, backend=backend, losses=LossConfig(balance="none"))).to(device).train()
 
 
 def step_fn(module, x, g, dtype, device, compete=None):
@@ -103,7 +103,7 @@ def hf_default_implementation() -> str:
     return str(MixtralForCausalLM(cfg).config._experts_implementation)
 
 
-def bench_shape(shape, dtype_name, device, tokens, repeats, hf_impls):
+def bench_shape(shape, dtype_name, device, tokens, repeats, hf_impls, backends=("auto",)):
     dtype = DTYPES[dtype_name]
     spec = SHAPES[shape]
     x = torch.randn(1, tokens, spec["d_model"], device=device)
@@ -115,6 +115,11 @@ def bench_shape(shape, dtype_name, device, tokens, repeats, hf_impls):
     res["ours_s"] = timed(step_fn(moe, x, g, dtype, device), device, repeats)
     res["dense_s"] = timed(step_fn(dense, x, g, dtype, device), device, repeats)
     res["efficiency"] = res["dense_s"] / res["ours_s"]
+    for b in backends:                         # the same layer with each expert dispatch ("auto" is ours_s)
+        if b != "auto":
+            other = make_moe(shape, "smoe", device, backend=b)
+            other.load_state_dict(moe.state_dict())
+            res[f"ours_{b}_s"] = timed(step_fn(other, x, g, dtype, device), device, repeats)
 
     comp = make_moe(shape, "competesmoe", device)
     res["normal_s"] = timed(step_fn(comp, x, g, dtype, device, compete=False), device, repeats)
@@ -229,6 +234,15 @@ def report(results, args, hf_default) -> str:
         lines.append(f"| {r['shape']} | {r['dtype']} | {r['ours_s']:.4f} | {r['dense_s']:.4f} | {r['efficiency']:.2f} "
                      f"| {r['compete_ratio']:.2f} | {r['compete_bound']:.2f} | {r['compete_ratio'] / r['compete_bound']:.2f} "
                      f"| {r.get('memory_ratio', float('nan')):.2f} ({r.get('compete_MiB', 0):.0f} / {r.get('normal_MiB', 0):.0f} MiB) |")
+    others = [k[len("ours_"):-2] for k in results[0] if k.startswith("ours_") and k not in ("ours_s", "ours_swiglu_s")]
+    if others:
+        lines += ["", "Expert dispatch backends (same layer, same weights; `auto` picks "
+                  + ("the Triton kernels on CUDA" if args.device == "cuda" else "grouped_mm on CPU") + "):", "",
+                  "| shape | dtype | auto (s) | " + " | ".join(f"{b} (s)" for b in others) + " |",
+                  "|---|---|---|" + "---|" * len(others)]
+        for r in results:
+            lines.append(f"| {r['shape']} | {r['dtype']} | {r['ours_s']:.4f} | "
+                         + " | ".join(f"{r[f'ours_{b}_s']:.4f}" for b in others) + " |")
     impls = [k[len("speedup_vs_hf_"):] for k in results[0] if k.startswith("speedup_vs_hf_")]
     lines += ["", "Speed-up over transformers' `MixtralSparseMoeBlock` (SwiGLU experts, same weights; "
               "goal ≥ 1.5× default and ≥ 1.0× fastest at coarse, ≥ 3× default at fine):", "",
@@ -249,7 +263,9 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--hf", default="eager,batched_mm,grouped_mm", help="transformers experts implementations")
+    p.add_argument("--backends", default="auto", help="expert dispatch backends to time besides auto, e.g. auto,grouped_mm")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--probes", type=int, default=3, help="CPU: fresh processes per memory probe (median)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--out", help="write the Markdown report here (and the raw numbers next to it as .json)")
     p.add_argument("--_memprobe", nargs=4, help=argparse.SUPPRESS)
@@ -268,9 +284,9 @@ def main() -> None:
     results = []
     for shape in args.shapes.split(","):
         for dt in args.dtypes.split(","):
-            r = bench_shape(shape, dt, args.device, args.tokens, args.repeats, hf_impls)
+            r = bench_shape(shape, dt, args.device, args.tokens, args.repeats, hf_impls, args.backends.split(","))
             if not args.no_memory:
-                r.update(memory_ratio(shape, dt, args.device, args.tokens))
+                r.update(memory_ratio(shape, dt, args.device, args.tokens, args.probes))
             print(json.dumps(r), flush=True)
             results.append(r)
     text = report(results, args, hf_default_implementation())

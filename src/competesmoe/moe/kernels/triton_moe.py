@@ -254,6 +254,7 @@ class _FusedExperts(torch.autograd.Function):
         return tuple(grads)
 
 
+@torch.compiler.disable   # train.compile: the kernels are already compiled; dynamo runs this part eagerly
 def fused_experts(x_TD, w1, b1, w2, b2, idx_TK, act, w_TK=None) -> torch.Tensor:
     """y_TD = Σ_k w_tk g_{idx_tk}(x_t) when `w_TK` is given, else out_TKD = g_{idx_tk}(x_t).
 

@@ -9,11 +9,12 @@ import reference as ref
 from competesmoe.moe.experts import Experts
 
 
+@pytest.mark.parametrize("width", [8, 32], ids=["weights-fold-into-phi", "weights-scale-outputs"])  # H vs D=16
 @pytest.mark.parametrize("backend", ["grouped_mm", "loop"])
 @pytest.mark.parametrize("activation,bias", [("relu", False), ("swiglu", True), ("gelu", True)])
-def test_mix_matches_naive_weighted_sum_and_gradients(backend, activation, bias):
+def test_mix_matches_naive_weighted_sum_and_gradients(backend, activation, bias, width):
     dtype = torch.float32 if backend == "grouped_mm" else torch.float64   # grouped_mm: fp32/bf16 only
-    ex = Experts(5, 16, 8, activation, bias, backend=backend).to(dtype)
+    ex = Experts(5, 16, width, activation, bias, backend=backend).to(dtype)
     if bias:
         with torch.no_grad():
             ex.b1.normal_()

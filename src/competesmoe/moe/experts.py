@@ -85,8 +85,8 @@ class Experts(nn.Module):
     def mix(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
         """y_t = Σ_k w[t, k] · g_{idx[t, k]}(x_t)  (Eq. (1)), [T, D].
 
-        The weights scale φ(h) before the second matmul ([M, H], cheaper than the [M, D] outputs) and the
-        pairs are summed into their tokens by one index_add: no [T, K, D] outputs, no un-sorting.
+        The weights scale φ(h) before the second matmul when it is the narrower ([M, H] vs the outputs'
+        [M, D]), and the pairs are summed into their tokens by one index_add: no [T, K, D] outputs, no un-sorting.
         """
         if type(self).forward is not Experts.forward:   # a subclass (expert parallelism) keeps its dispatch
             return self.combine(self(x_TD, idx_TK), w_TK)
@@ -120,10 +120,14 @@ class Experts(nn.Module):
             if b1 is not None:
                 h_MH = h_MH + b1.index_select(0, e_M)
             a_MH = self._act(h_MH)
-            out_MD = F.grouped_mm(a_MH if scale_M is None else a_MH * scale_M[:, None], w2, offs=offs)
+            # The weights scale the narrower side of the second matmul: φ(h) [M, H] or its output [M, D].
+            fold = scale_M is not None and a_MH.shape[1] <= self.d_model
+            out_MD = F.grouped_mm(a_MH * scale_M[:, None] if fold else a_MH, w2, offs=offs)
             if b2 is not None:
                 b2_MD = b2.index_select(0, e_M)
-                out_MD = out_MD + (b2_MD if scale_M is None else b2_MD * scale_M[:, None])
+                out_MD = out_MD + (b2_MD * scale_M[:, None] if fold else b2_MD)
+            if scale_M is not None and not fold:
+                out_MD = out_MD * scale_M[:, None]
         else:
             out_MD = self._loop(x_MD, w1, w2, b1, b2, counts_N.tolist(), scale_M)
         if w_TK is None:                                      # back to pair order: one scatter

@@ -145,7 +145,9 @@ class Routing:
         self.pair_M = flat_M.argsort(stable=True).to(torch.int32)      # sorted row m -> pair t·K + k
         self.token_M = (self.pair_M // K).to(torch.int32)               # sorted row m -> token t
         self.expert_M = flat_M[self.pair_M.long()]
-        self.count_N = torch.bincount(flat_M, minlength=n_experts).to(torch.int32)
+        # (bincount would read the maximum back to the host; a scatter-add does not)
+        self.count_N = torch.zeros(n_experts, dtype=torch.int32, device=dev).index_add_(
+            0, flat_M, torch.ones_like(flat_M, dtype=torch.int32))
         self.start_N = (self.count_N.cumsum(0) - self.count_N).to(torch.int32)
         nblk_N = (self.count_N + block_m - 1) // block_m
         last_N = nblk_N.cumsum(0)

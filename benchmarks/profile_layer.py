@@ -16,6 +16,7 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -40,12 +41,16 @@ def child(shape: str, dtype: str, tokens: int, repeats: int, profile: bool) -> d
         f()
         f()
     times = {k: [] for k in fns}
+    faults = {k: 0 for k in fns}
     for _ in range(repeats):                      # alternate, so that load changes hit both alike
         for k, f in fns.items():
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t0)
+            faults[k] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
     res = {k: statistics.median(v) for k, v in times.items()}
+    res.update({f"{k}_faults_per_step": v / repeats for k, v in faults.items()})
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as prof
@@ -79,7 +84,8 @@ def main() -> None:
                              check=True, capture_output=True, text=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         table = r.pop("table", table)
-        rows.append(f"| {name} | {r['ours'] * 1e3:.0f} | {r['dense'] * 1e3:.0f} | {r['dense'] / r['ours']:.2f} |")
+        rows.append(f"| {name} | {r['ours'] * 1e3:.0f} | {r['dense'] * 1e3:.0f} | {r['dense'] / r['ours']:.2f} "
+                    f"| {r['ours_faults_per_step']:,.0f} | {r['dense_faults_per_step']:,.0f} |")
         print(rows[-1], file=sys.stderr)
     lines = [f"# Profile of one MoE layer step on CPU ({args.shape}, {args.dtype})", "",
              f"- command: `python benchmarks/profile_layer.py {' '.join(sys.argv[1:])}`",
@@ -87,7 +93,8 @@ def main() -> None:
              f"{args.tokens} tokens, forward + backward, medians of {args.repeats} alternating runs",
              f"- load average (1 min) at start / end: {load0:.2f} / {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs "
              "(other jobs share this machine; compare the ratios, not the times)", "",
-             "| allocator | layer (ms) | dense chain, same FLOPs (ms) | efficiency |", "|---|---:|---:|---:|", *rows,
+             "| allocator | layer (ms) | dense chain, same FLOPs (ms) | efficiency | page faults / step, layer "
+             "| page faults / step, dense |", "|---|---:|---:|---:|---:|---:|", *rows,
              "", "Profiler, one step of the layer (plain allocator):", "", "```", table.rstrip(), "```"]
     emit(lines, args.out)
 

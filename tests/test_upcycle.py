@@ -25,6 +25,8 @@ from competesmoe.model.upcycle import (ROUTER_STD, UpcycleConfig, UpcycleError, 
 from competesmoe.model.upcycle_cli import load_dense_hf
 
 hf_logging.set_verbosity_error()
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest)
 V = 300
 EXACT = ["smoe", "competesmoe", "xmoe", "pcosine", "sharede_v2", "sharede_v3"]
 SMALL = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

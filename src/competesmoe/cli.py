@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("competesmoe.analysis.compare", "train several routers under identical settings and tabulate"),
     "theory": ("competesmoe.theory.cli", "simulate the convergence rates of Section 3"),
     "upcycle": ("competesmoe.model.upcycle_cli", "turn a dense model (Hugging Face or model.dense) into an MoE"),
+    "finetune": ("competesmoe.train.finetune_cli", "fine-tune an upcycled (or dense, upcycled first) model with any router"),
 }
 
 

@@ -8,7 +8,8 @@
 
 Examples are packed into one stream (each followed by EOS: a target after text, not after a chat) and cut into sequences like pre-training data
 (`data.batches`). A token that is not a target is stored as `~id` (a negative number), so a batch stays one
-LongTensor; `lm_pair(batch)` turns it into (input ids, targets with -100 where no loss is taken).
+LongTensor; `unmask(batch[:, :-1], batch[:, 1:])` (what `HFCausalLM` does with what the trainer passes it)
+gives the input ids and the targets with -100 where no loss is taken.
 """
 from __future__ import annotations
 
@@ -27,11 +28,14 @@ from .prepare import holdout
 from .sources import DataError, list_files, read_documents
 
 
+def unmask(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's view of `batch[:, :-1], batch[:, 1:]`: ~id inputs back to ids, ~id targets to -100."""
+    return torch.where(inputs < 0, ~inputs, inputs), targets.masked_fill(targets < 0, -100)
+
+
 def lm_pair(batch_BS1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(input ids [B, S], targets [B, S]) of a batch of S+1 tokens; negative (~id) tokens are no target."""
-    ids = torch.where(batch_BS1 < 0, ~batch_BS1, batch_BS1)
-    targets = batch_BS1[:, 1:].masked_fill(batch_BS1[:, 1:] < 0, -100)
-    return ids[:, :-1], targets
+    return unmask(batch_BS1[:, :-1], batch_BS1[:, 1:])
 
 
 def _tokens(tokenizer: Any, text: str) -> list[int]:

@@ -288,8 +288,7 @@ class _UpcycledMixin:
 
     def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
-        info = config.competesmoe
-        swap_mlps(self, UpcycleConfig.from_dict(info["upcycle"]), copy=False)
+        swap_mlps(self, UpcycleConfig.from_dict(config.competesmoe["upcycle"]), copy=False)
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any):
@@ -305,10 +304,12 @@ class _UpcycledMixin:
                 **kwargs: Any):
         out = super().forward(*args, labels=labels, **kwargs)
         mlps = [m for m in self.modules() if isinstance(m, UpcycledMLP)]
-        self.moe_outputs = [m.output for m in mlps]
+        self.moe_outputs = [m.output for m in mlps if m.output is not None]
         for m in mlps:
             m.output = None
-        aux = sum(o.aux_loss.to(out.logits.device) for o in self.moe_outputs)
+        dev = out.logits.device
+        aux = (torch.stack([o.aux_loss.to(dev) for o in self.moe_outputs]).sum() if self.moe_outputs
+               else out.logits.new_zeros((), dtype=torch.float32))
         include = getattr(self.config, "include_aux_loss", True) if include_aux_loss is None else include_aux_loss
         if labels is not None and include and out.loss is not None:
             out["loss"] = out.loss + aux
@@ -324,6 +325,7 @@ def upcycled_class(model_cls: type) -> type:
     ignore = list(getattr(base_cfg, "keys_to_ignore_at_inference", [])) + ["aux_loss"]
     cfg_cls = type(f"Upcycled{base_cfg.__name__}", (base_cfg,),
                    {"model_type": MODEL_TYPE, "keys_to_ignore_at_inference": ignore, "__module__": __name__})
+
     def forward(self, *args: Any, **kwargs: Any):
         return _UpcycledMixin.forward(self, *args, **kwargs)
 

@@ -23,7 +23,7 @@ from .. import __version__
 from ..errors import CompeteSMoEError
 from ..data import prepare_data
 from ..model import MoETransformer
-from ..moe import CompetitionSchedule, attach_schedule, on_optimizer_step
+from ..moe import CompetitionSchedule, attach_schedule, moe_layers, on_optimizer_step
 from . import checkpoint as ckpt
 from . import distributed
 from .config import RunConfig
@@ -73,7 +73,10 @@ def set_rng_state(state: dict) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, resume: bool = False, log=print) -> None:
+    def __init__(self, cfg: RunConfig, resume: bool = False, log=print, model: torch.nn.Module | None = None,
+                 data=None) -> None:
+        """`model`, `data`: a prebuilt model (e.g. upcycled) and its data instead of `MoETransformer(cfg.model)`
+        and `prepare_data(cfg.data)` (`competesmoe finetune`); everything else is the same."""
         t = cfg.train
         self.dist = distributed.setup(t, resolve_device(t.device))   # torchrun: process group, rank, device
         log = self.dist.logger(log)                                  # rank 0 logs, the others stay quiet
@@ -87,16 +90,19 @@ class Trainer:
         self.device = self.dist.device
         seed_everything(t.seed)
 
-        self.data = self.dist.main_first(lambda: prepare_data(cfg.data, log=log))   # rank 0 fills the cache
-        if self.data.vocab_size != cfg.model.vocab_size:
-            log(f"model.vocab_size set to the tokenizer's {self.data.vocab_size} (was {cfg.model.vocab_size})")
-            cfg.model.vocab_size = self.data.vocab_size
-        self.model = MoETransformer(cfg.model).to(self.device)
+        self.data = data if data is not None else self.dist.main_first(lambda: prepare_data(cfg.data, log=log))   # rank 0 fills the cache
+        if model is None:
+            if self.data.vocab_size != cfg.model.vocab_size:
+                log(f"model.vocab_size set to the tokenizer's {self.data.vocab_size} (was {cfg.model.vocab_size})")
+                cfg.model.vocab_size = self.data.vocab_size
+            model = MoETransformer(cfg.model)
+        self.model = model.to(self.device)
         if t.compile:
             self.model.compile()      # torch.compile in place: state_dict keys and checkpoints unchanged
         self.train_model = self.dist.parallelize(self.model, log)   # the module forward runs through (DDP, FSDP2)
         self.optimizer = self.dist.adapt_optimizer(self._optimizer())
-        self.schedule = CompetitionSchedule.from_config(t.schedule, cfg.model.n_layers, t.steps)
+        layers = moe_layers(self.model)
+        self.schedule = CompetitionSchedule.from_config(t.schedule, len(layers), t.steps)
         attach_schedule(self.model, self.schedule)
         self.dist.check_schedule(self.schedule)
         self.batches = self.dist.shard_batches(self.data.train_batches(t.batch_size, seed=cfg.data.seed))
@@ -111,9 +117,9 @@ class Trainer:
             cfg.to_yaml(self.out / "config.yaml")
         self.metrics = MetricsLogger(self.out, tensorboard=t.tensorboard) if self.dist.is_main else distributed.NoMetrics()
         total, active = self.model.num_parameters(), self.model.num_parameters(active=True)
+        m = layers[0].cfg
         log(f"model: {total:,} parameters, {active:,} active per token "
-            f"({cfg.model.n_layers} layers, {cfg.model.moe.router}, {cfg.model.moe.n_experts} experts, "
-            f"K={cfg.model.moe.top_k})")
+            f"({len(layers)} MoE layers, {m.router}, {m.n_experts} experts, K={m.top_k})")
 
     # --- setup ------------------------------------------------------------------------------------
     def _optimizer(self) -> torch.optim.Optimizer:

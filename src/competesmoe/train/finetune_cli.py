@@ -1,0 +1,55 @@
+"""`competesmoe finetune INIT --data PATH`: fine-tune an upcycled model with any router (docs/upcycle.md).
+
+INIT is a dense model (upcycled first: --experts/--top-k/--router/--layers) or an upcycled one (its own
+settings are kept). `--chat` reads `{"messages": [...]}` jsonl and takes the loss on the replies only.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..config import ConfigError, apply_overrides
+from ..model.upcycle_cli import add_spec_arguments
+from .finetune import FINETUNE_PRESETS, finetune, finetune_preset, init_spec
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("init", help="dense or upcycled model: Hugging Face folder or hub name, competesmoe export, run or checkpoint")
+    p.add_argument("--data", required=True, help="training data: .txt/.jsonl(.gz) file or folder (chat jsonl with --chat)")
+    p.add_argument("--valid", help="validation data (default: a held-out part of --data)")
+    p.add_argument("--chat", action="store_true", help="chat jsonl with the tokenizer's chat template; loss on replies only")
+    p.add_argument("--preset", default="vit", choices=sorted(FINETUNE_PRESETS), help="fine-tuning preset (Appendix I.1)")
+    p.add_argument("--out", help="run folder (checkpoints, metrics.jsonl, hf/ at the end)")
+    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--precision", choices=("fp32", "bf16"))
+    add_spec_arguments(p)  # --experts --top-k --router --layers --set (here: any FinetuneConfig value)
+
+
+def build_config(args: argparse.Namespace):
+    cfg = finetune_preset(args.preset)
+    have = init_spec(args.init)
+    if have is not None:  # an upcycled model keeps its settings unless a flag asks otherwise
+        cfg = apply_overrides(cfg, {f"model.{k}": v for k, v in have.items() if not isinstance(v, dict)})
+        cfg = apply_overrides(cfg, {f"model.{k}.{kk}": vv for k, v in have.items() if isinstance(v, dict)
+                                    for kk, vv in v.items()})
+    flags = {"model.init": args.init, "data.train": args.data, "data.valid": args.valid, "chat": args.chat or None,
+             "train.steps": args.steps, "train.out_dir": args.out, "train.device": args.device,
+             "train.precision": args.precision, "model.experts": args.experts, "model.top_k": args.top_k,
+             "model.router": args.router, "model.layers": args.layers}
+    cfg = apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None})
+    return apply_overrides(cfg, args.overrides)
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..train.checkpoint import CheckpointError
+    from .loop import TrainingError
+    try:
+        summary = finetune(build_config(args), resume=args.resume)
+    except (ConfigError, CheckpointError, TrainingError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"final validation perplexity: {summary['val_ppl']:.2f} (loss {summary['val_loss']:.4f}) after "
+          f"{summary['step']} steps; run folder: {summary['out_dir']}; Hugging Face model: {summary['hf']}")
+    return 0

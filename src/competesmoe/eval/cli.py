@@ -86,7 +86,7 @@ def evaluate_one(path: str, name: str, args: argparse.Namespace, tasks: list[str
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..train.loop import resolve_device
+    from ..train.runs import resolve_device
     from . import results_markdown, write_report
     names = args.names.split(",") if args.names else [Path(p).resolve().name for p in args.models]
     if len(names) != len(args.models):

@@ -46,7 +46,7 @@ class CompeteSMoELM(LM):
     def __init__(self, pretrained: str, batch_size: int | str | None = 8, device: str | None = "auto",
                  max_gen_toks: int = 256, **kwargs: Any) -> None:
         super().__init__()
-        from ..train.loop import resolve_device
+        from ..train.runs import resolve_device
         from .cli import load_model
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             device = "cpu"  # lm_eval's CLI defaults to cuda; HFLM falls back the same way

@@ -28,18 +28,12 @@ from . import checkpoint as ckpt
 from . import distributed
 from .config import RunConfig
 from .metrics import MetricsLogger, micro_metrics, step_metrics
-from .runs import check_same_model, load_weights
+from .runs import check_same_model, load_weights, resolve_device
 from .validation import lm_loss
 
 
 class TrainingError(CompeteSMoEError, RuntimeError):
     """Training cannot go on (non-finite losses, a run folder that would be overwritten, ...)."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def lr_at(step: int, cfg) -> float:

@@ -24,6 +24,13 @@ from .config import RunConfig
 RESUME_TRAIN_KEYS = ("train.steps", "train.batch_size", "train.grad_accum", "train.seed")
 
 
+def resolve_device(name: str) -> torch.device:
+    """`auto`: CUDA where available, else CPU; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def check_same_config(cfg: RunConfig, saved: str | dict, problem: str, keys: Iterable[str] | None = None,
                       saved_as: str = "saved") -> None:
     """Raise ConfigError(`problem`, then `key: <saved_as> X vs now Y` per difference) where `saved` (a

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Dense tiny model on Gutenberg -> upcycle -> fine-tune as SMoE and as CompeteSMoE (same budget, 2 seeds),
 # then validation perplexity + BLiMP (`competesmoe eval`) and the routing views (`competesmoe analyze`).
-# Results: docs/results/upcycle-tiny-gutenberg.md. Run from the repository root; ~2 h on 2 busy CPU cores.
+# Results: docs/results/upcycle-tiny-gutenberg.md. Run from the repository root with OMP_NUM_THREADS=1
+# (about 45 min on 2 CPU cores shared with other jobs).
 set -euo pipefail
 CS=${CS:-.venv/bin/competesmoe}
 GB=../shared/data/corpus/gutenberg
@@ -22,11 +23,14 @@ for r in smoe competesmoe; do
 done
 
 # 3. fine-tune: vit preset (4 experts, K 2, switch 0.01 + z 0.001, ω 0.07, A_max 9, warm-up 5%) at a
-#    CPU-sized batch and a tiny-model learning rate; seed s = router init, data order and trainer seed
+#    CPU-sized batch and a tiny-model learning rate; seed s = router init, data order and trainer seed.
+#    dense1: the dense model continued with the same data and optimizer (one expert, K 1: exactly the FFN)
 for s in 1 2; do
-  for r in smoe competesmoe; do
+  for r in smoe competesmoe dense1; do
     run="$OUT/ft-$r-s$s"
-    [ -f "$run/summary.json" ] || $CS finetune "$OUT/dense" --router $r --data $GB/train.jsonl.gz \
+    arm="--router $r"
+    [ $r = dense1 ] && arm="--router smoe --experts 1 --top-k 1"
+    [ -f "$run/summary.json" ] || $CS finetune "$OUT/dense" $arm --data $GB/train.jsonl.gz \
       --valid $GB/valid.jsonl.gz --out "$run" --steps "$FT_STEPS" --precision fp32 \
       --set data.seq_len=128 --set train.batch_size=16 --set train.grad_accum=1 --set train.lr=1e-3 \
       --set train.min_lr_ratio=0.1 --set train.warmup_steps=10 --set data.max_train_chars=30000000 \
@@ -35,13 +39,16 @@ for s in 1 2; do
   done
 done
 
-# 4. validation perplexity and BLiMP (first 100 pairs of each of the 67 paradigms) of all five models
+# 4. validation perplexity and BLiMP (first 100 pairs of each of the 67 paradigms)
 $CS eval "$OUT/dense" "$OUT"/ft-smoe-s1 "$OUT"/ft-smoe-s2 "$OUT"/ft-competesmoe-s1 "$OUT"/ft-competesmoe-s2 \
   --tasks valid_ppl,blimp --limit 100 --batch-size 32 --no-progress --out "$OUT/eval"
+$CS eval "$OUT"/ft-dense1-s1 "$OUT"/ft-dense1-s2 --tasks valid_ppl,blimp --limit 100 --batch-size 32 --no-progress \
+  --out "$OUT/eval-dense1"
 
 # 5. routing views: ECR between consecutive checkpoints, router-competition agreement, entropies
 for s in 1 2; do
   for r in smoe competesmoe; do
     $CS analyze "$OUT/ft-$r-s$s" --tokens 2048 --no-shift --out "$OUT/ft-$r-s$s/analysis"
+    .venv/bin/python benchmarks/upcycle_symmetry.py "$OUT/dense" "$OUT/ft-$r-s$s" > "$OUT/ft-$r-s$s/symmetry.md"
   done
 done

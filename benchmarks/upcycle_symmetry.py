@@ -13,15 +13,16 @@ import argparse
 
 import torch
 
-from competesmoe.analysis.analyze import checkpoint_paths, checkpoint_step, run_token_set
+from competesmoe.analysis.analyze import checkpoint_paths, run_token_set
 from competesmoe.moe import moe_layers
 from competesmoe.moe.competition import all_affinities
 from competesmoe.model.upcycle import UpcycleConfig, upcycle_transformer
+from competesmoe.train.checkpoint import step_of
 from competesmoe.train.runs import load_trained
 
 
 def expert_distance(layer) -> float:
-    w = torch.cat([layer.experts.w1.flatten(1), layer.experts.w2.flatten(1)], dim=1)
+    w = torch.cat([layer.experts.w1.flatten(1), layer.experts.w2.flatten(1)], dim=1).detach()
     n = w.shape[0]
     return min(float((w[i] - w[j]).norm() / w[i].norm()) for i in range(n) for j in range(i + 1, n))
 
@@ -62,7 +63,7 @@ def main() -> None:
     spec = UpcycleConfig(experts=m.n_experts, top_k=m.top_k, router=m.router, router_opts=m.router_opts,
                          competition=m.competition, losses=m.losses)
     models = [(0, upcycle_transformer(dense, spec))]
-    models += [(checkpoint_step(pth), load_trained(pth, log=lambda *_: None)[0]) for pth in paths]
+    models += [(step_of(pth), load_trained(pth, log=lambda *_: None)[0]) for pth in paths]
     print("| step | " + " | ".join(f"L{i} min dist / tied" for i in range(len(moe_layers(models[0][1])))) + " |")
     print("|---:|" + "---:|" * len(moe_layers(models[0][1])))
     for step, model in models:

@@ -160,7 +160,7 @@ def test_finetune_hf_competes_lowers_loss_and_resumes_exactly(llama_folder, corp
 
 def test_finetune_chat_and_cli(llama_folder, corpus, tmp_path, capsys):
     rc = cli_main(["finetune", str(llama_folder), "--data", str(corpus / "chat.jsonl"), "--chat", "--router", "smoe",
-                   "--out", str(tmp_path / "chat"), "--steps", "3", "--precision", "fp32",
+                   "--out", str(tmp_path / "chat"), "--steps", "3", "--precision", "bf16",
                    "--set", "data.seq_len=32", "--set", "train.batch_size=2", "--set", "train.grad_accum=1", "--set", "train.eval_every=3",
                    "--set", "train.eval_batches=1", "--set", "train.tensorboard=false", "--set", "train.lr=1e-3"])
     assert rc == 0, capsys.readouterr().err

@@ -183,7 +183,7 @@ def test_unsupported_models_get_one_clear_error():
 
 
 def test_save_load_round_trip_and_generate(dense_folders, tmp_path):
-    for family in ("llama", "gpt2", "phi3"):
+    for family in FAMILIES:
         _, moe = dense_and_upcycled(dense_folders[family], router="competesmoe")
         out = tmp_path / family
         moe.save_pretrained(out)

@@ -292,7 +292,9 @@ class _UpcycledMixin:
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any):
+        from .hf import realign_parameters
         model = super().from_pretrained(*args, **kwargs)
+        realign_parameters(model)  # memory-mapped weights may be unaligned: grouped_mm needs 16-byte alignment
         with torch.no_grad():  # non-persistent buffers (running router loads) are zeros at construction
             for mlp in [m for m in model.modules() if isinstance(m, UpcycledMLP)]:
                 for module in mlp.modules():

@@ -165,10 +165,18 @@ def test_finetune_chat_and_cli(llama_folder, corpus, tmp_path, capsys):
                    "--set", "train.eval_batches=1", "--set", "train.tensorboard=false", "--set", "train.lr=1e-3"])
     assert rc == 0, capsys.readouterr().err
     assert "Hugging Face model:" in capsys.readouterr().out
-    # an upcycled folder keeps its settings; asking for another router is a clear error
+    # an upcycled folder keeps its structure; asking for another router is a clear error
     rc = cli_main(["finetune", str(tmp_path / "chat" / "hf"), "--data", str(corpus / "train.jsonl"),
                    "--router", "xmoe", "--out", str(tmp_path / "again")])
     assert rc == 1 and "already upcycled with router 'smoe' (asked 'xmoe')" in capsys.readouterr().err
+    # ... while its competition and loss settings follow the fine-tuning config, and are saved with it
+    rc = cli_main(["finetune", str(tmp_path / "chat" / "hf"), "--data", str(corpus / "train.jsonl"),
+                   "--out", str(tmp_path / "again"), "--steps", "1", "--set", "data.seq_len=32",
+                   "--set", "train.batch_size=2", "--set", "train.grad_accum=1", "--set", "train.eval_batches=1",
+                   "--set", "train.tensorboard=false", "--set", "kappa=silu", "--set", "model.losses.zloss_coef=0.0"])
+    assert rc == 0, capsys.readouterr().err
+    layer = moe_layers(AutoModelForCausalLM.from_pretrained(tmp_path / "again" / "hf"))[0]
+    assert (layer.cfg.router, layer.cfg.competition.kappa, layer.cfg.losses.zloss_coef) == ("smoe", "silu", 0.0)
 
 
 def test_finetune_competesmoe_dense_model_is_a_train_run(corpus, tmp_path):

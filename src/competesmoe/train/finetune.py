@@ -32,7 +32,7 @@ from ..model.transformer import LMOutput, MoETransformer
 from ..model.upcycle import UpcycleConfig, UpcycleError, is_upcycled, upcycle, upcycle_transformer
 from .config import RunConfig, TrainConfig
 
-STRUCTURE = ("experts", "top_k", "router", "layers")  # what an already upcycled model has fixed
+STRUCTURE = ("experts", "top_k", "router", "layers", "router_opts")  # what an upcycled model has fixed
 
 
 @dataclass
@@ -141,10 +141,21 @@ def init_spec(init: str) -> dict | None:
 
 
 def _check_structure(spec: UpcycleConfig, have: dict, init: str) -> None:
-    diffs = [f"{k} {have[k]!r} (asked {getattr(spec, k)!r})" for k in STRUCTURE if have.get(k) != getattr(spec, k)]
+    asked = spec.to_dict()
+    diffs = [f"{k} {have[k]!r} (asked {asked[k]!r})" for k in STRUCTURE if have.get(k) != asked[k]]
     if diffs:
         raise UpcycleError(f"{init} is already upcycled with " + ", ".join(diffs) + "; fine-tune it with its own "
                            f"settings, or upcycle the dense model with the new ones")
+
+
+def _with_settings(m, spec: UpcycleConfig):
+    return dataclasses.replace(m, competition=spec.competition, losses=spec.losses)
+
+
+def _use_settings(model: nn.Module, spec: UpcycleConfig) -> None:
+    """An already upcycled model keeps its experts and routers; its competition and losses follow `spec`."""
+    for layer in moe_layers(model):
+        layer.cfg = _with_settings(layer.cfg, spec)
 
 
 def build(cfg: FinetuneConfig, log: Callable[[str], None] = print):
@@ -162,6 +173,9 @@ def build(cfg: FinetuneConfig, log: Callable[[str], None] = print):
         if model.cfg.dense:
             model = upcycle_transformer(model, spec)
             log(f"upcycled {init}: {spec.experts} experts, K {spec.top_k}, router {spec.router}")
+        else:
+            model.cfg = dataclasses.replace(model.cfg, moe=_with_settings(model.cfg.moe, spec))
+            _use_settings(model, spec)
         out = Path(cfg.train.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         tok = hf_tokenizer(tok)
@@ -178,6 +192,9 @@ def build(cfg: FinetuneConfig, log: Callable[[str], None] = print):
     if not is_upcycled(hf):
         hf = upcycle(hf, spec)
         log(f"upcycled {init}: {spec.experts} experts, K {spec.top_k}, router {spec.router}, layers {spec.layers}")
+    else:
+        _use_settings(hf, spec)
+        hf.config.competesmoe["upcycle"] = spec.to_dict()   # saved with the final model
     tok = AutoTokenizer.from_pretrained(init)
     data = load_finetune_data(cfg.data, tok, cfg.chat)
     max_pos = getattr(hf.config.get_text_config(), "max_position_embeddings", None)

@@ -165,10 +165,11 @@ class Experts(nn.Module):
             h = x_nD @ w1[e]
             h = h if b1 is None else h + b1[e]
             a = self._act(h)
-            out = (a if s_n is None else a * s_n) @ w2[e]
+            fold = s_n is not None and a.shape[1] <= self.d_model        # as in `_sorted`
+            out = (a * s_n if fold else a) @ w2[e]
             if b2 is not None:
-                out = out + (b2[e] if s_n is None else b2[e] * s_n)
-            outs.append(out)
+                out = out + (b2[e] * s_n if fold else b2[e])
+            outs.append(out if s_n is None or fold else out * s_n)
         return torch.cat(outs) if outs else x_MD.new_zeros(0, self.d_model)
 
     def _use_grouped_mm(self, x_MD, w1, w2) -> bool:

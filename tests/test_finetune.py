@@ -46,15 +46,21 @@ def chat_tokenizer():
     return tok
 
 
-@pytest.fixture(scope="module")
-def llama_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("llama")
+def hf_folder(tmp_path_factory, family: str):
+    folder = tmp_path_factory.mktemp(family)
     torch.manual_seed(3)
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = (transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+           if family == "llama" else  # GPT-2: tied embeddings, stored once in checkpoints
+           transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64))
     AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
     chat_tokenizer().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    return hf_folder(tmp_path_factory, "llama")
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +143,11 @@ def initial_val_loss(cfg):
     return float(torch.stack(losses).mean())
 
 
-def test_finetune_hf_competes_lowers_loss_and_resumes_exactly(llama_folder, corpus, tmp_path):
-    cfg = small_run(tmp_path, llama_folder, corpus / "train.jsonl")
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_finetune_hf_competes_lowers_loss_and_resumes_exactly(family, llama_folder, corpus, tmp_path,
+                                                             tmp_path_factory):
+    folder = llama_folder if family == "llama" else hf_folder(tmp_path_factory, family)
+    cfg = small_run(tmp_path, folder, corpus / "train.jsonl")
     before = initial_val_loss(cfg)
     summary = finetune(cfg, log=lambda *_: None)
     run = tmp_path / "run"
@@ -146,9 +155,9 @@ def test_finetune_hf_competes_lowers_loss_and_resumes_exactly(llama_folder, corp
     assert sum(x.get("competing_layers", 0) for x in r) > 0        # competition steps ran
     assert summary["val_loss"] < before - 0.1, (before, summary["val_loss"])
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["model"]["init"] == str(llama_folder) and saved["model"]["router"] == "competesmoe"
+    assert saved["model"]["init"] == str(folder) and saved["model"]["router"] == "competesmoe"
     back = AutoModelForCausalLM.from_pretrained(run / "hf")         # the final model, as a HF folder
-    assert type(back).__name__ == "UpcycledLlamaForCausalLM" and len(moe_layers(back)) == 2
+    assert type(back).__name__.startswith("Upcycled") and len(moe_layers(back)) == 2
     final = load_file(str(ckpt.checkpoints(run / "checkpoints")[-1] / "model.safetensors"))
     # resume: drop the last checkpoint and continue from step 6 -> bit-identical weights at step 12
     import shutil

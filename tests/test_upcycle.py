@@ -347,3 +347,15 @@ def test_cli_upcycles_an_exported_dense_model(tmp_path):
     x = ids(1, 8)
     with torch.no_grad():
         assert (back(x).logits - dense(x).logits).abs().max() < 1e-5
+
+
+def test_upcycled_layers_take_the_model_dtype(dense_folders):
+    dense = load_dense_hf(dense_folders["qwen2"]).to(torch.bfloat16).eval()
+    moe = upcycle(copy.deepcopy(dense), router="sharede_v3", router_opts={"bias_balance": True}).eval()
+    layer = moe_layers(moe)[0]
+    assert {p.dtype for p in layer.parameters()} == {torch.bfloat16}
+    assert layer.router.expert_bias.dtype == layer.router.load.dtype == torch.float32  # counts stay exact
+    x = ids()
+    with torch.no_grad():   # the routing weights sum to 1 only up to bf16 rounding: one bf16 ulp at |logit| < 1
+        ref = dense(x).logits.float()
+        assert ref.abs().max() < 1 and (moe(x).logits.float() - ref).abs().max() <= 2 ** -8

@@ -356,7 +356,9 @@ def swap_mlps(model: nn.Module, spec: UpcycleConfig, copy: bool = True) -> list[
         dense = read_dense_mlp(layers[i].mlp, where)
         ref = dense.w1
         cfg = spec.moe_config(ref.shape[1], dense.width, "swiglu" if dense.gated else "gelu", _check_bias(dense, where))
-        moe = UpcycledMoE(cfg, dense.act, dense.gated).to(device=ref.device, dtype=ref.dtype)
+        moe = UpcycledMoE(cfg, dense.act, dense.gated).to(ref.device)
+        for p in moe.parameters():  # the model's dtype; buffers (load counts, balancing bias) stay float32
+            p.data = p.data.to(ref.dtype)
         if copy:
             fill_moe(moe, dense, generator, spec.noise)
         layers[i].mlp = UpcycledMLP(moe, dense.dropout)

@@ -26,14 +26,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="write into OUT even if it is not empty")
 
 
-def add_spec_arguments(p: argparse.ArgumentParser) -> None:
+def add_spec_arguments(p: argparse.ArgumentParser,
+                       set_help: str = "any UpcycleConfig value, e.g. noise=0.01, router_opts.normalize=true, "
+                                       "kappa=silu (repeatable)") -> None:
     """The upcycling flags, shared with `competesmoe finetune`."""
     p.add_argument("--experts", type=int, help="experts per MoE layer (N; default 4, the paper's VIT setting)")
     p.add_argument("--top-k", type=int, help="experts per token (K; default 2)")
     p.add_argument("--router", choices=ROUTERS, help="router policy (default competesmoe)")
     p.add_argument("--layers", help="decoder layers to upcycle: all, or comma-separated indices such as 0,2,4")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="any UpcycleConfig value, e.g. noise=0.01, router_opts.normalize=true, kappa=silu (repeatable)")
+                   help=set_help)
 
 
 def spec_from_args(args: argparse.Namespace, base: UpcycleConfig | None = None) -> UpcycleConfig:

@@ -63,7 +63,7 @@ FINETUNE_PRESETS: dict[str, FinetuneConfig] = {
     "vit": FinetuneConfig(
         model=FinetuneModel(experts=4, top_k=2, router="competesmoe"),
         data=DataConfig(seq_len=2048),
-        train=TrainConfig(steps=1000, batch_size=5, grad_accum=4, lr=4e-6, min_lr_ratio=0.0, warmup_steps=30,
+        train=TrainConfig(out_dir="runs/finetune", steps=1000, batch_size=5, grad_accum=4, lr=4e-6, min_lr_ratio=0.0, warmup_steps=30,
                           weight_decay=0.0, precision="bf16", eval_every=200, ckpt_every=200,
                           schedule=ScheduleConfig(omega=0.07, a_max=9, warmup=0.05, seed=42))),
 }

@@ -24,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--precision", choices=("fp32", "bf16"))
-    add_spec_arguments(p)  # --experts --top-k --router --layers --set (here: any FinetuneConfig value)
+    add_spec_arguments(p, "any FinetuneConfig value, e.g. train.lr=1e-5, omega=0.03, model.noise=0.01, "
+                          "kappa=silu, data.seq_len=512 (repeatable)")
 
 
 def build_config(args: argparse.Namespace):

@@ -21,9 +21,9 @@ from competesmoe.data import DataConfig, DataError
 from competesmoe.data.chat import encode_chat, lm_pair, load_finetune_data, pack
 from competesmoe.data.tokenizer import train_bpe
 from competesmoe.model.hf import hf_tokenizer
-from competesmoe.model.upcycle import UpcycleError, upcycle
+from competesmoe.model.upcycle import upcycle
 from competesmoe.train import checkpoint as ckpt
-from competesmoe.train.finetune import HFCausalLM, finetune, finetune_preset
+from competesmoe.train.finetune import finetune, finetune_preset
 
 hf_logging.set_verbosity_error()
 

@@ -37,7 +37,7 @@ from ..config import (ROUTERS, CompetitionConfig, Config, ConfigError, LossConfi
                       check_choice)
 from ..moe import MoE
 from ..moe.experts import Experts
-from .transformer import ModelConfig, MoETransformer
+from .transformer import MoETransformer
 
 MODEL_TYPE = "competesmoe_upcycled"
 ROUTER_STD = 0.02  # Appendix I.1: the router is initialised N(0, 0.02) (GPT-2's init) with seed 42

@@ -28,7 +28,7 @@ from ..config import Config, ScheduleConfig, apply_overrides, check
 from ..data import DataConfig
 from ..data.chat import unmask
 from ..moe import moe_layers
-from ..model.transformer import LMOutput, MoETransformer
+from ..model.transformer import LMOutput
 from ..model.upcycle import UpcycleConfig, UpcycleError, is_upcycled, upcycle, upcycle_transformer
 from .config import RunConfig, TrainConfig
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Dense tiny model on Gutenberg -> upcycle -> fine-tune as SMoE and as CompeteSMoE (same budget, 2 seeds),
+# Dense tiny model on Gutenberg -> upcycle -> fine-tune as SMoE and as CompeteSMoE (same budget, 3 seeds),
 # then validation perplexity + BLiMP (`competesmoe eval`) and the routing views (`competesmoe analyze`).
 # Results: docs/results/upcycle-tiny-gutenberg.md. Run from the repository root with OMP_NUM_THREADS=1
 # (about 45 min on 2 CPU cores shared with other jobs).
@@ -25,7 +25,7 @@ done
 # 3. fine-tune: vit preset (4 experts, K 2, switch 0.01 + z 0.001, ω 0.07, A_max 9, warm-up 5%) at a
 #    CPU-sized batch and a tiny-model learning rate; seed s = router init, data order and trainer seed.
 #    dense1: the dense model continued with the same data and optimizer (one expert, K 1: exactly the FFN)
-for s in 1 2; do
+for s in 1 2 3; do
   for r in smoe competesmoe dense1; do
     run="$OUT/ft-$r-s$s"
     arm="--router $r"
@@ -40,13 +40,11 @@ for s in 1 2; do
 done
 
 # 4. validation perplexity and BLiMP (first 100 pairs of each of the 67 paradigms)
-$CS eval "$OUT/dense" "$OUT"/ft-smoe-s1 "$OUT"/ft-smoe-s2 "$OUT"/ft-competesmoe-s1 "$OUT"/ft-competesmoe-s2 \
+$CS eval "$OUT/dense" "$OUT"/ft-smoe-s{1,2,3} "$OUT"/ft-competesmoe-s{1,2,3} "$OUT"/ft-dense1-s{1,2,3} \
   --tasks valid_ppl,blimp --limit 100 --batch-size 32 --no-progress --out "$OUT/eval"
-$CS eval "$OUT"/ft-dense1-s1 "$OUT"/ft-dense1-s2 --tasks valid_ppl,blimp --limit 100 --batch-size 32 --no-progress \
-  --out "$OUT/eval-dense1"
 
 # 5. routing views: ECR between consecutive checkpoints, router-competition agreement, entropies
-for s in 1 2; do
+for s in 1 2 3; do
   for r in smoe competesmoe; do
     $CS analyze "$OUT/ft-$r-s$s" --tokens 2048 --no-shift --out "$OUT/ft-$r-s$s/analysis"
     .venv/bin/python benchmarks/upcycle_symmetry.py "$OUT/dense" "$OUT/ft-$r-s$s" > "$OUT/ft-$r-s$s/symmetry.md"

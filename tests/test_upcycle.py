@@ -302,6 +302,11 @@ def test_cli_upcycle_copies_the_tokenizer(dense_folders, tmp_path, capsys):
     assert "not empty; pass --force" in capsys.readouterr().err
     assert cli_main(["upcycle", str(dense_folders["gpt2"]), str(tmp_path / "x"), "--layers", "7"]) == 1
     assert "out of range" in capsys.readouterr().err
+    missing = tmp_path / "no-such-model"
+    assert cli_main(["upcycle", str(missing), str(tmp_path / "y")]) == 1
+    err = capsys.readouterr().err
+    assert "cannot load a Hugging Face model" in err and str(missing) in err and "Traceback" not in err
+    assert not (tmp_path / "y").exists()
 
 
 # --- our own MoETransformer, trained with model.dense=true ------------------------------------------

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from ..config import ROUTERS, ConfigError, apply_overrides
+from ..config import ROUTERS, apply_overrides
 from .upcycle import UpcycleConfig, UpcycleError, upcycle, upcycle_transformer
 
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")
@@ -75,8 +74,11 @@ def auto_class(config: Any):
 
 def load_dense_hf(src: str | Path, device: str = "cpu"):
     from transformers import AutoConfig
-    config = AutoConfig.from_pretrained(str(src))
-    return auto_class(config).from_pretrained(str(src), dtype="auto").to(device)
+    try:
+        config = AutoConfig.from_pretrained(str(src))
+        return auto_class(config).from_pretrained(str(src), dtype="auto").to(device)
+    except OSError as e:  # no such folder, no config.json, unreadable weights, or no network for a hub name
+        raise UpcycleError(f"{src}: cannot load a Hugging Face model ({e})") from e
 
 
 def copy_side_files(src: str | Path, out: Path) -> list[str]:
@@ -103,11 +105,9 @@ def copy_side_files(src: str | Path, out: Path) -> list[str]:
 def upcycle_folder(src: str | Path, out: str | Path, spec: UpcycleConfig, force: bool = False,
                    log: Callable[[str], None] = print) -> Path:
     """Upcycle the dense model in `src` and write it (with its tokenizer) to `out`."""
+    from ..train.export import check_output_folder
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out} is not empty; pass --force to overwrite its files")
+    check_output_folder(out, force)
     if is_competesmoe_source(src):
         from .hf import save_hf
         dense, tok = load_competesmoe(src, log=log)
@@ -126,10 +126,5 @@ def upcycle_folder(src: str | Path, out: str | Path, spec: UpcycleConfig, force:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..train.checkpoint import CheckpointError
-    try:
-        upcycle_folder(args.src, args.out, spec_from_args(args), force=args.force)
-    except (ConfigError, CheckpointError, FileExistsError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    upcycle_folder(args.src, args.out, spec_from_args(args), force=args.force)
     return 0

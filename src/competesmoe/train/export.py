@@ -21,15 +21,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="write into OUT_DIR even if it is not empty")
 
 
+def check_output_folder(out: Path, force: bool) -> None:
+    """A model folder is written only into a new or empty folder, unless `force`: nothing is overwritten."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ExportError(f"{out} is not empty; pass --force to overwrite its files")
+
+
 def export(checkpoint: str | Path, out_dir: str | Path, force: bool = False, log=print) -> Path:
     """Load `checkpoint` with `load_trained` and write the Hugging Face folder `out_dir`."""
     from ..model.hf import save_hf
     from .runs import load_trained
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ExportError(f"{out} is not empty; pass --force to overwrite its files")
+    check_output_folder(out, force)
     model, _, tokenizer = load_trained(checkpoint, log=log)
     save_hf(model, tokenizer, out)
     log(f"exported {checkpoint} -> {out} ({model.num_parameters():,} parameters)")

@@ -6,9 +6,8 @@ settings are kept). `--chat` reads `{"messages": [...]}` jsonl and takes the los
 from __future__ import annotations
 
 import argparse
-import sys
 
-from ..config import ConfigError, apply_overrides
+from ..config import apply_overrides
 from ..model.upcycle_cli import add_spec_arguments
 from .finetune import FINETUNE_PRESETS, finetune, finetune_preset, init_spec
 
@@ -44,13 +43,7 @@ def build_config(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..train.checkpoint import CheckpointError
-    from .loop import TrainingError
-    try:
-        summary = finetune(build_config(args), resume=args.resume)
-    except (ConfigError, CheckpointError, TrainingError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    summary = finetune(build_config(args), resume=args.resume)
     print(f"final validation perplexity: {summary['val_ppl']:.2f} (loss {summary['val_loss']:.4f}) after "
           f"{summary['step']} steps; run folder: {summary['out_dir']}; Hugging Face model: {summary['hf']}")
     return 0

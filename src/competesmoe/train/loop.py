@@ -142,7 +142,8 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.model.train()
-            micro = [self._micro_step(i == t.grad_accum - 1) for i in range(t.grad_accum)]   # detached scalars only
+            logs = self._logs_at(self.step + 1)
+            micro = [self._micro_step(i == t.grad_accum - 1, logs) for i in range(t.grad_accum)]  # detached scalars
             loss = sum(m["loss"] for m in micro) / t.grad_accum
             self.dist.after_backward(self.model)
             grad_norm = self.dist.clip_grad_norm(self.model, t.grad_clip)
@@ -157,7 +158,7 @@ class Trainer:
             self.step += 1
             bar.update(1)
 
-            if self.step % t.log_every == 0 or self.step == t.steps:
+            if logs:
                 elapsed, tic = time.perf_counter() - tic, time.perf_counter()
                 m = step_metrics(self.dist.reduce_metrics(micro), grad_norm, lr)
                 m["tokens_per_s"] = tokens_per_step * t.log_every / elapsed if self.step % t.log_every == 0 else None
@@ -177,16 +178,21 @@ class Trainer:
         final = self.last_val if self.last_val is not None else self.evaluate()
         return {"step": self.step, **final, "nan_skipped": self.nan_skipped, "out_dir": str(self.out)}
 
-    def _micro_step(self, last: bool = True) -> dict[str, torch.Tensor]:
+    def _logs_at(self, step: int) -> bool:
+        """Are the metrics of the optimizer step that ends at `step` logged?"""
+        return step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps
+
+    def _micro_step(self, last: bool = True, detail: bool = True) -> dict[str, torch.Tensor]:
         """Forward + backward of one micro-batch; returns detached scalars, so no micro-batch's
-        activations or logits outlive its backward (memory does not grow with grad_accum).
-        Several processes reduce gradients on the `last` micro-batch of the step only."""
+        activations or logits outlive its backward (memory does not grow with grad_accum); the per-layer
+        metrics only when `detail` (a logged step). Several processes reduce gradients on the `last`
+        micro-batch of the step only."""
         batch = next(self.batches).to(self.device)
         with self.dist.sync_context(last):
             with self._autocast():
                 out = self.train_model(batch[:, :-1], batch[:, 1:])
             (out.loss / self.cfg.train.grad_accum).backward()
-        return micro_metrics(out)
+        return micro_metrics(out, detail)
 
     def _non_finite(self, loss: float) -> None:
         t = self.cfg.train

@@ -1,7 +1,8 @@
 """Per-step metrics from the MoE layers' outputs, written as JSONL and TensorBoard events.
 
-Per-layer losses are averaged over MoE layers (as the model's aux loss is); `agreement` is averaged
-over the layers that competed at that step (router vs competition, |I_R ∩ I_C| / K).
+`aux_loss` is the model's (summed over MoE layers); each per-layer term (`balance`, `distill`, ...) is
+averaged over the layers that report it, so `agreement` is the mean over the layers that competed at that
+step (router vs competition, |I_R ∩ I_C| / K).
 """
 from __future__ import annotations
 
@@ -14,10 +15,14 @@ import torch
 from ..moe.stats import selection_entropy
 
 
-def micro_metrics(out) -> dict[str, torch.Tensor]:
-    """Detached scalars of one micro-batch's `LMOutput` (per-layer values averaged over layers)."""
+def micro_metrics(out, detail: bool = True) -> dict[str, torch.Tensor]:
+    """Detached scalars of one micro-batch's `LMOutput` (per-layer values averaged over layers); only the
+    loss unless `detail` (steps that are not logged need nothing else)."""
+    m = {"loss": out.loss.detach()}
+    if not detail:
+        return m
     layers = out.moe
-    m = {"loss": out.loss.detach(), "lm_loss": out.lm_loss.detach(), "aux_loss": out.aux_loss.detach()}
+    m.update(lm_loss=out.lm_loss.detach(), aux_loss=out.aux_loss.detach())
     for k in sorted({k for mo in layers for k in mo.stats}):
         vals = [mo.stats[k] for mo in layers if k in mo.stats]
         m[k] = torch.stack(vals).mean()

@@ -244,6 +244,8 @@ def report(results, args, hf_default) -> str:
             lines.append(f"| {r['shape']} | {r['dtype']} | {r['ours_s']:.4f} | "
                          + " | ".join(f"{r[f'ours_{b}_s']:.4f}" for b in others) + " |")
     impls = [k[len("speedup_vs_hf_"):] for k in results[0] if k.startswith("speedup_vs_hf_")]
+    if not impls:
+        return "\n".join(lines) + "\n"
     lines += ["", "Speed-up over transformers' `MixtralSparseMoeBlock` (SwiGLU experts, same weights; "
               "goal ≥ 1.5× default and ≥ 1.0× fastest at coarse, ≥ 3× default at fine):", "",
               "| shape | dtype | ours (s) | " + " | ".join(f"HF {i} (s) | speed-up vs {i}" for i in impls) + " | max |out diff| |",

@@ -52,6 +52,30 @@ def test_competition_step_saves_at_most_1p2x_a_normal_step(dtype, kappa):
     assert compete <= 1.2 * normal, f"competition step saves {compete / normal:.2f}x a normal step ({compete} vs {normal} B)"
 
 
+@pytest.mark.parametrize("kappa", ["softplus", "softmax"])
+def test_recomputing_the_winners_changes_no_value_or_gradient_and_saves_their_outputs(kappa):
+    cfg = MoEConfig(d_model=32, d_expert=16, n_experts=8, top_k=2, router="competesmoe", activation="gelu")
+    cfg.competition.kappa = kappa
+    moe = MoE(cfg).train()
+    x = torch.randn(256, 32)
+    results, saved = {}, {}
+    for recompute in (True, False):
+        moe.cfg.competition.recompute_winners = recompute
+        xi = x.clone().requires_grad_()
+
+        def run():
+            out = moe(xi, compete=True)
+            results[recompute] = [out.y.detach(), out.aux_loss.detach(), out.weights.detach()]
+            return out.y.square().mean() + out.aux_loss
+        moe.zero_grad()
+        saved[recompute] = saved_bytes(moe, run)
+        results[recompute] += [xi.grad] + [p.grad.clone() for p in moe.parameters()]
+    for a, b in zip(results[True], results[False]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    T, K, D = 256, 2, 32
+    assert saved[False] - saved[True] >= T * K * D * 4          # the winners' outputs [T, K, D] are not kept
+
+
 # --- the block-wise evaluation changes nothing ---------------------------------------------------------
 def _naive_affinity(out_TKD, kappa, lse_TD=None):
     """Per row, in float64: mean_d κ(o_d), or ‖o‖₂, or mean_d exp(o_d − lse_d)."""

@@ -7,6 +7,7 @@ import torch
 
 import reference as ref
 from competesmoe.moe.experts import Experts
+from competesmoe.moe.kernels.looped import looped_experts
 
 
 @pytest.mark.parametrize("width", [8, 32], ids=["weights-fold-into-phi", "weights-scale-outputs"])  # H vs D=16
@@ -60,3 +61,65 @@ def test_grouped_mm_and_loop_backends_agree_bitwise(width):
     x, idx, w = torch.randn(10, 16), torch.randint(0, 4, (10, 2)), torch.rand(10, 2)
     assert torch.equal(a.mix(x, idx, w), b.mix(x, idx, w))
     assert torch.equal(a(x, idx), b(x, idx))
+
+
+
+@pytest.mark.parametrize("activation,width,weighted", [
+    ("gelu", 4, True), ("swiglu", 12, True), ("relu", 12, False), ("silu", 4, False)],
+    ids=["fold", "swiglu-scale-outputs", "unweighted-wide", "unweighted-narrow"])
+@pytest.mark.parametrize("act_grad", ["table", "autograd"])
+def test_loop_gradcheck_float64_every_input(activation, width, weighted, act_grad):
+    """The looped dispatch's hand-written backward: x, routing weights, W1, b1, W2, b2 (D = 8), with the
+    experts' activation derivatives and with autograd through the activation (the default)."""
+    ex = Experts(3, 8, width, activation, True, backend="loop").double()
+    idx = torch.tensor([[0, 2], [1, 0], [2, 2], [0, 0], [1, 0]])    # expert 1 gets 2 pairs, one token twice
+    x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(5, 2, dtype=torch.float64, requires_grad=True)
+    params = [p.detach().clone().normal_().requires_grad_() for p in (ex.w1, ex.b1, ex.w2, ex.b2)]
+    grad_fn = ex._act_grad if act_grad == "table" else None
+
+    def f(x, w, w1, b1, w2, b2):
+        return looped_experts(x, w1, b1, w2, b2, idx, ex._act, w if weighted else None, grad_fn)
+    assert torch.autograd.gradcheck(f, (x, w, *params))
+
+
+def test_loop_unused_experts_get_zero_gradients_and_no_tokens_is_fine():
+    ex = Experts(6, 16, 8, "swiglu", True, backend="loop")
+    x = torch.randn(7, 16)
+    y = ex.mix(x, torch.randint(0, 3, (7, 2)), torch.rand(7, 2))     # experts 3..5 receive nothing
+    y.square().sum().backward()
+    for p in ex.parameters():
+        assert torch.equal(p.grad[3:], torch.zeros_like(p.grad[3:]))
+        assert p.grad[:3].abs().sum() > 0
+    x0 = torch.randn(0, 16, requires_grad=True)
+    y0 = ex.mix(x0, torch.zeros(0, 2, dtype=torch.long), torch.rand(0, 2))
+    assert y0.shape == (0, 16)
+    y0.sum().backward()
+    assert x0.grad.shape == (0, 16)
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_loop_keeps_only_pre_activations_for_backward(weighted):
+    """No [T·K, D] buffer survives the forward: besides its inputs, the loop saves h [T·K, H_in] and the
+    sorted pairs' weights and order. The grouped path keeps the gathered tokens and more."""
+    T, K, D, H, N = 64, 4, 32, 16, 8
+    x, idx, w = torch.randn(T, D, requires_grad=True), torch.randint(0, N, (T, K)), torch.rand(T, K)
+    inputs = {}
+    saved = {}
+
+    def saved_bytes(backend):
+        ex = Experts(N, D, H, "relu", backend=backend)
+        inputs[backend] = {p.data_ptr() for p in ex.parameters()} | {x.data_ptr()}
+        seen = {}
+
+        def pack(t):
+            if t.data_ptr() not in inputs[backend]:
+                seen[t.data_ptr()] = t.numel() * t.element_size()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            ex.mix(x, idx, w) if weighted else ex(x, idx)
+        return sum(seen.values())
+    saved = {b: saved_bytes(b) for b in ("loop", "grouped_mm")}
+    M = T * K
+    assert saved["loop"] <= (M * H + 2 * M) * 4 + M * 8          # h, scale (fp32), order (int64)
+    assert saved["grouped_mm"] >= M * D * 4                         # at least the gathered tokens

@@ -151,11 +151,16 @@ def test_loaded_model_is_aligned_and_takes_the_grouped_mm_path(exported, monkeyp
     hf = AutoModelForCausalLM.from_pretrained(exported).eval()
     assert all(p.data_ptr() % 16 == 0 for p in hf.parameters())
     assert hf.model.head.weight is hf.model.embed.weight
+    from competesmoe.moe.experts import Experts
+    experts = [m for m in hf.modules() if isinstance(m, Experts)]
+    for m in experts:
+        m.backend = "grouped_mm"   # refuses misaligned weights (auto on CPU would take the loop anyway)
     calls = []
     real = F.grouped_mm
     monkeypatch.setattr(F, "grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.no_grad():
         hf(torch.ones(1, 8, dtype=torch.long))
+    assert len(experts) == hf.config.num_hidden_layers
     assert len(calls) == 2 * hf.config.num_hidden_layers  # two grouped GEMMs per MoE layer
 
 

@@ -42,17 +42,35 @@ def test_sparse_experts_match_naive_loop_outputs_and_grads(activation, bias, bac
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_grouped_mm_backend_is_really_used(monkeypatch):
+def test_each_backend_really_runs_its_path(monkeypatch):
+    """grouped_mm calls it twice (one per weight); the loop (auto on CPU) never does."""
     calls = []
     import torch.nn.functional as F
     real = F.grouped_mm
     monkeypatch.setattr(F, "grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
-    E = Experts(4, 16, 8, "gelu", backend="auto")
+    E = Experts(4, 16, 8, "gelu", backend="grouped_mm")
     E(torch.randn(5, 16), torch.randint(0, 4, (5, 2)))
     assert len(calls) == 2
-    E.backend = "loop"
-    E(torch.randn(5, 16), torch.randint(0, 4, (5, 2)))
-    assert len(calls) == 2
+    for backend in ("loop", "auto"):
+        E.backend = backend
+        E(torch.randn(5, 16), torch.randint(0, 4, (5, 2)))
+        assert len(calls) == 2
+
+
+def test_auto_backend_resolution(monkeypatch):
+    import competesmoe.moe.experts as experts_mod
+    E = Experts(4, 16, 8, "gelu")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert E.path(cpu, torch.float32) == E.path(cpu, torch.bfloat16) == E.path(cpu, torch.float64) == "loop"
+    if experts_mod.triton_moe is not None:
+        assert E.path(cuda, torch.bfloat16) == E.path(cuda, torch.float32) == "triton"
+    monkeypatch.setattr(experts_mod, "triton_moe", None)          # CUDA without Triton
+    assert E.path(cuda, torch.bfloat16) == "grouped_mm"           # CUDA's grouped_mm takes bf16 only
+    assert E.path(cuda, torch.float32) == "loop"
+    E.backend = "grouped_mm"
+    assert E.path(cpu, torch.float32) == "grouped_mm"
+    with pytest.raises(RuntimeError, match="16-byte"):
+        E.path(cpu, torch.float64)
 
 
 def test_grouped_mm_refuses_misaligned_sizes_clearly(monkeypatch):

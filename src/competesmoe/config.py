@@ -258,6 +258,8 @@ class CompetitionConfig(Config):
     router_diversity: bool = False    # β·L_div on the router's own top-K every training step, any router
                                       # (Table 7's "diversity loss without competition" with router smoe)
     chunk_tokens: int | None = None   # tokens per chunk of the all-expert pass (None: automatic)
+    recompute_winners: bool = True    # backward recomputes the winners' outputs (one more sparse forward)
+                                      # instead of keeping [T, K, D] per competing layer
     eps: float = 1e-6                 # affinities are clamped to >= eps before normalising
 
     def validate(self) -> None:
@@ -294,7 +296,7 @@ class MoEConfig(Config):
     activation: str = "gelu"
     bias: bool = False              # expert biases
     router_bias: bool = False       # bias in the router's linear map
-    backend: str = "auto"           # expert dispatch: grouped_mm where allowed, else a loop
+    backend: str = "auto"           # expert dispatch: Triton on CUDA, the loop on CPU (Experts.path)
     router_opts: RouterConfig = dataclasses.field(default_factory=RouterConfig)
     competition: CompetitionConfig = dataclasses.field(default_factory=CompetitionConfig)
     losses: LossConfig = dataclasses.field(default_factory=LossConfig)

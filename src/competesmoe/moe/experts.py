@@ -8,9 +8,11 @@
 Sparse dispatch, by `backend`:
   * "triton" (chosen by "auto" on CUDA when Triton is installed): fused gather → grouped GEMM → scatter
     kernels with the routing weights folded into the second GEMM (`kernels/triton_moe.py`);
-  * "grouped_mm" (chosen by "auto" elsewhere where device, dtype and strides allow it): pairs sorted by
-    expert, one `torch.nn.functional.grouped_mm` per weight; the reference path, also on CPU;
-  * "loop": a loop over experts.
+  * "loop" (chosen by "auto" on CPU): one expert at a time through cache-sized buffers, keeping only the
+    pre-activations for a hand-written backward (`kernels/looped.py`); any dtype and stride;
+  * "grouped_mm" (chosen by "auto" on CUDA without Triton where dtype and strides allow it): pairs sorted
+    by expert, one `torch.nn.functional.grouped_mm` per weight, plain autograd: the reference path.
+All three take the same weights and routing and agree with a naive per-token loop (tests/test_dispatch.py).
 
 Shapes: T tokens, D d_model, N experts, K choices per token, H expert width, M = T·K (pairs).
 """
@@ -22,9 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import triton_moe
+from .kernels.looped import looped_experts
 from .precision import compute_dtype
 
 _ACTS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+_ACT_GRADS = {  # (dL/da, h) -> dL/dh, aten's own backward formulas
+    "relu": lambda g, h: torch.ops.aten.threshold_backward(g, h, 0),
+    "gelu": torch.ops.aten.gelu_backward,
+    "silu": torch.ops.aten.silu_backward,
+}
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -69,6 +78,14 @@ class Experts(nn.Module):
             return F.silu(gate) * up
         return _ACTS[self.activation](h)
 
+    def _act_grad(self, h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """dL/dh from dL/dφ(h), without autograd (the looped dispatch's backward, one call per expert)."""
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            return torch.cat([torch.ops.aten.silu_backward(g * up, gate),
+                              g * F.silu(gate)], dim=-1)
+        return _ACT_GRADS[self.activation](g, h)
+
     # --- all experts on all tokens ---------------------------------------------------------------
     def forward_all(self, x_TD: torch.Tensor) -> torch.Tensor:
         """Every expert applied to every token: [N, T, D]."""
@@ -86,103 +103,83 @@ class Experts(nn.Module):
         """y_t = Σ_k w[t, k] · g_{idx[t, k]}(x_t)  (Eq. (1)), [T, D].
 
         The weights scale φ(h) before the second matmul when it is the narrower ([M, H] vs the outputs'
-        [M, D]), and the pairs are summed into their tokens by one index_add: no [T, K, D] outputs, no un-sorting.
+        [M, D]), and the pairs are summed into their tokens: no [T, K, D] outputs, no un-sorting.
         """
         if type(self).forward is not Experts.forward:   # a subclass (expert parallelism) keeps its dispatch
             return self.combine(self(x_TD, idx_TK), w_TK)
-        if self._use_triton(x_TD):
-            return self._triton(x_TD, idx_TK, w_TK)
-        return self._sorted(x_TD, idx_TK, w_TK)
+        return self._dispatch(x_TD, idx_TK, w_TK)
 
     def forward(self, x_TD: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:
         """Expert `idx_TK[t, k]` applied to token t: [T, K, D] (unweighted)."""
-        if self._use_triton(x_TD):
-            return self._triton(x_TD, idx_TK)
-        return self._sorted(x_TD, idx_TK)
+        return self._dispatch(x_TD, idx_TK)
+
+    def _dispatch(self, x_TD, idx_TK, w_TK=None) -> torch.Tensor:
+        dt = compute_dtype(x_TD)
+        path = self.path(x_TD.device, dt) if x_TD.shape[0] else "loop"
+        if path == "grouped_mm":
+            return self._sorted(x_TD.to(dt), idx_TK, w_TK)
+        cast = [None if p is None else p.to(dt) for p in (self.w1, self.b1, self.w2, self.b2)]
+        with torch.autocast(x_TD.device.type, enabled=False):     # the kernels take the compute dtype
+            if path == "triton":
+                return triton_moe.fused_experts(x_TD.to(dt), *cast, idx_TK, self._act, w_TK)
+            return looped_experts(x_TD.to(dt), *cast, idx_TK, self._act, w_TK, self._act_grad)
+
+    def path(self, device: torch.device, dtype: torch.dtype) -> str:
+        """The dispatch `backend` resolves to for inputs on `device` in `dtype`: "triton", "grouped_mm" or "loop".
+
+        "auto": Triton on CUDA; on CPU the loop (measured faster and lighter than grouped_mm there:
+        docs/results/moe_layer-cpu.md); grouped_mm elsewhere where it can run.
+        """
+        if self.backend == "triton" or (self.backend == "auto" and device.type == "cuda"):
+            ok = triton_moe is not None and triton_moe.available(device)
+            if ok or self.backend == "auto":
+                return "triton" if ok else ("grouped_mm" if self._grouped_mm_ok(device, dtype) else "loop")
+            why = "Triton is not installed" if triton_moe is None else (
+                f"device {device.type} needs CUDA (or TRITON_INTERPRET=1 on CPU)")
+            raise RuntimeError(f"backend='triton' is not possible here: {why}; use 'auto'")
+        if self.backend == "grouped_mm":
+            if not self._grouped_mm_ok(device, dtype):
+                raise RuntimeError(
+                    f"backend='grouped_mm' is not possible here (device={device.type}, dtype={dtype}, "
+                    f"d_model={self.d_model}, d_expert={self.d_expert}, weights 16-byte aligned: "
+                    f"{_aligned(self.w1) and _aligned(self.w2)}: sizes must give 16-byte strides); use 'auto'")
+            return "grouped_mm"
+        return "loop"
+
+    def _grouped_mm_ok(self, device: torch.device, dtype: torch.dtype) -> bool:
+        es = torch.empty(0, dtype=dtype).element_size()
+        return (hasattr(F, "grouped_mm") and dtype in (torch.float32, torch.bfloat16)
+                and (device.type == "cpu" or dtype == torch.bfloat16)
+                and (self.d_expert * es) % 16 == 0 and (self.d_model * es) % 16 == 0
+                and _aligned(self.w1) and _aligned(self.w2))
 
     def _sorted(self, x_TD, idx_TK, w_TK=None) -> torch.Tensor:
         """Pairs sorted by expert, one grouped matmul per weight: Σ_k-weighted [T, D], or [T, K, D]."""
         T, K = idx_TK.shape
-        dt = compute_dtype(x_TD)
+        dt = x_TD.dtype
         flat_M = idx_TK.reshape(-1)
         order_M = flat_M.argsort(stable=True)                 # pairs sorted by expert
         e_M = flat_M.index_select(0, order_M)                 # expert of each sorted pair
         tok_M = order_M // K                                  # token of each sorted pair
-        counts_N = torch.bincount(flat_M, minlength=self.n_experts)
-        x_MD = x_TD.to(dt).index_select(0, tok_M)
+        offs = torch.bincount(flat_M, minlength=self.n_experts).cumsum(0).to(torch.int32)
+        x_MD = x_TD.index_select(0, tok_M)
         scale_M = None if w_TK is None else w_TK.reshape(-1).index_select(0, order_M).to(dt)
         w1, w2 = self.w1.to(dt).transpose(1, 2), self.w2.to(dt).transpose(1, 2)   # [N, in, out] views
-        b1 = None if self.b1 is None else self.b1.to(dt)
-        b2 = None if self.b2 is None else self.b2.to(dt)
-        if self._use_grouped_mm(x_MD, w1, w2):
-            offs = counts_N.cumsum(0).to(torch.int32)
-            h_MH = F.grouped_mm(x_MD, w1, offs=offs)
-            if b1 is not None:
-                h_MH = h_MH + b1.index_select(0, e_M)
-            a_MH = self._act(h_MH)
-            # The weights scale the narrower side of the second matmul: φ(h) [M, H] or its output [M, D].
-            fold = scale_M is not None and a_MH.shape[1] <= self.d_model
-            out_MD = F.grouped_mm(a_MH * scale_M[:, None] if fold else a_MH, w2, offs=offs)
-            if b2 is not None:
-                b2_MD = b2.index_select(0, e_M)
-                out_MD = out_MD + (b2_MD * scale_M[:, None] if fold else b2_MD)
-            if scale_M is not None and not fold:
-                out_MD = out_MD * scale_M[:, None]
-        else:
-            out_MD = self._loop(x_MD, w1, w2, b1, b2, counts_N.tolist(), scale_M)
+        h_MH = F.grouped_mm(x_MD, w1, offs=offs)
+        if self.b1 is not None:
+            h_MH = h_MH + self.b1.to(dt).index_select(0, e_M)
+        a_MH = self._act(h_MH)
+        # The weights scale the narrower side of the second matmul: φ(h) [M, H] or its output [M, D].
+        fold = scale_M is not None and a_MH.shape[1] <= self.d_model
+        out_MD = F.grouped_mm(a_MH * scale_M[:, None] if fold else a_MH, w2, offs=offs)
+        if self.b2 is not None:
+            b2_MD = self.b2.to(dt).index_select(0, e_M)
+            out_MD = out_MD + (b2_MD * scale_M[:, None] if fold else b2_MD)
+        if scale_M is not None and not fold:
+            out_MD = out_MD * scale_M[:, None]
         if w_TK is None:                                      # back to pair order: one scatter
             return torch.empty_like(out_MD).index_copy_(0, order_M, out_MD).view(T, K, -1)
         return out_MD.new_zeros(T, out_MD.shape[1]).index_add(0, tok_M, out_MD)
-
-    def _use_triton(self, x_TD: torch.Tensor) -> bool:
-        if self.backend not in ("auto", "triton") or x_TD.shape[0] == 0:
-            return False
-        if self.backend == "auto" and x_TD.device.type != "cuda":
-            return False                       # CPU keeps the grouped_mm path (the reference)
-        from .kernels import triton_moe
-        ok = triton_moe is not None and triton_moe.available(x_TD.device)
-        if self.backend == "triton" and not ok:
-            why = "Triton is not installed" if triton_moe is None else (
-                f"device {x_TD.device.type} needs CUDA (or TRITON_INTERPRET=1 on CPU)")
-            raise RuntimeError(f"backend='triton' is not possible here: {why}; use 'auto'")
-        return ok
-
-    def _triton(self, x_TD, idx_TK, w_TK=None) -> torch.Tensor:
-        from .kernels import triton_moe
-        dt = compute_dtype(x_TD)
-        cast = [None if p is None else p.to(dt) for p in (self.w1, self.b1, self.w2, self.b2)]
-        with torch.autocast(x_TD.device.type, enabled=False):     # the kernels take the compute dtype
-            return triton_moe.fused_experts(x_TD.to(dt), *cast, idx_TK, self._act, w_TK)
-
-    def _loop(self, x_MD, w1, w2, b1, b2, counts: list[int], scale_M=None) -> torch.Tensor:
-        # split (not slicing): its backward concatenates the chunks' gradients instead of
-        # materialising a full-size zero gradient per expert.
-        outs = []
-        scales = [None] * len(counts) if scale_M is None else scale_M[:, None].split(counts)
-        for e, (x_nD, s_n) in enumerate(zip(x_MD.split(counts), scales)):
-            if x_nD.shape[0] == 0:
-                continue
-            h = x_nD @ w1[e]
-            h = h if b1 is None else h + b1[e]
-            a = self._act(h)
-            fold = s_n is not None and a.shape[1] <= self.d_model        # as in `_sorted`
-            out = (a * s_n if fold else a) @ w2[e]
-            if b2 is not None:
-                out = out + (b2[e] * s_n if fold else b2[e])
-            outs.append(out if s_n is None or fold else out * s_n)
-        return torch.cat(outs) if outs else x_MD.new_zeros(0, self.d_model)
-
-    def _use_grouped_mm(self, x_MD, w1, w2) -> bool:
-        ok = (self.backend != "loop" and hasattr(F, "grouped_mm") and x_MD.shape[0] > 0
-              and x_MD.dtype in (torch.float32, torch.bfloat16)
-              and (x_MD.device.type == "cpu" or x_MD.dtype == torch.bfloat16)
-              and (self.d_expert * x_MD.element_size()) % 16 == 0
-              and _aligned(x_MD) and _aligned(w1) and _aligned(w2))
-        if self.backend == "grouped_mm" and not ok:
-            raise RuntimeError(
-                f"backend='grouped_mm' is not possible here (device={x_MD.device.type}, dtype={x_MD.dtype}, "
-                f"d_model={self.d_model}, d_expert={self.d_expert}: sizes must give 16-byte strides); use 'auto'")
-        return ok
 
     @staticmethod
     def combine(out_TKD: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import MoEConfig
 from . import competition as comp
@@ -122,10 +123,16 @@ class MoE(nn.Module):
         # Steps 1-2: all affinities without a graph (no activations kept for the losers).
         a_TN, lse_TD = comp.all_affinities(self.experts, x_TD, cc.kappa, self._chunk(x_TD))
         win_TK = a_TN.topk(K, dim=-1).indices                                  # step 3: I_C
-        # Recompute the winners with gradients; s_C is differentiable through their outputs.
-        out_TKD = self.experts(x_TD, win_TK)
-        # s_C (step 3), y (step 4) and L_div (Eq. (3)) in one block-wise pass: no float32 copies of out_TKD
-        y_TD, s_TK, l_div = comp.winners_outputs(out_TKD, cc.kappa, cc.eps, lse_TD)
+
+        def winners(x_TD):
+            # The winners with gradients; s_C (step 3), y (step 4) and L_div (Eq. (3)) in one block-wise
+            # pass through their outputs, without float32 copies of out_TKD.
+            return comp.winners_outputs(self.experts(x_TD, win_TK), cc.kappa, cc.eps, lse_TD)
+        if cc.recompute_winners and torch.is_grad_enabled():
+            # Backward recomputes the winners' outputs instead of keeping [T, K, D] per layer.
+            y_TD, s_TK, l_div = checkpoint(winners, x_TD, use_reentrant=False)
+        else:
+            y_TD, s_TK, l_div = winners(x_TD)
         if cc.competition_forward:
             idx_TK, w_TK = win_TK, s_TK                                          # step 4
         else:

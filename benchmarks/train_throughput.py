@@ -4,7 +4,8 @@
         --out docs/results/train-throughput.md
 
 Also prints the overhead that the competition's FLOPs imply: each competing layer runs all N experts
-forward once more (no graph), i.e. 4·D·H·N FLOPs per token (gated experts: 6·D·H·N), against a step's
+forward once more (no graph), i.e. 4·D·H·N FLOPs per token (gated experts: 6·D·H·N), and with
+`recompute_winners` (default) the K winners once more in backward (4·D·H·K), against a step's
 forward+backward FLOPs (3 × forward: attention, router, K experts per layer, and the output head). The
 number of competing layers per step is the schedule's own (its table over the steps run), so A_max's cap
 counts, not ω·L. On CUDA: peak memory (allocator) of each run, and MFU = tokens/s · 3 · forward FLOPs per
@@ -33,7 +34,8 @@ def flops_per_token(cfg) -> tuple[float, float]:
     per_expert = (6 if e.activation == "swiglu" else 4) * D * H
     inner = m.n_heads * m.head_dim
     layer = 2 * D * 3 * inner + 2 * inner * D + 4 * S * inner / 2 + 2 * D * e.n_routed + per_expert * e.top_k
-    return m.n_layers * layer + 2 * D * V, per_expert * e.n_routed
+    rerun = e.top_k if e.competition.recompute_winners else 0
+    return m.n_layers * layer + 2 * D * V, per_expert * (e.n_routed + rerun)
 
 
 def main() -> None:

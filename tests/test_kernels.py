@@ -97,12 +97,13 @@ def test_routing_blocks_cover_every_pair_once():
     assert r.n_blocks >= sum(1 for e in r.blk_e.tolist() if e >= 0)
 
 
+@pytest.mark.parametrize("backend", ["triton", "loop"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_moe_layer_triton_backend_equals_grouped_mm(dtype):
+def test_moe_layer_backend_equals_grouped_mm(dtype, backend):
     """The whole layer (normal and competition steps) under autocast: same outputs and gradients."""
     cfg = dict(d_model=16, d_expert=16, n_experts=4, top_k=2, router="competesmoe", activation="gelu")
     ref_moe = MoE(MoEConfig(**cfg, backend="grouped_mm")).to(DEV).train()
-    tri = MoE(MoEConfig(**cfg, backend="triton")).to(DEV).train()
+    tri = MoE(MoEConfig(**cfg, backend=backend)).to(DEV).train()
     tri.load_state_dict(ref_moe.state_dict())
     x = torch.randn(2, 5, 16, device=DEV)
     for compete in (False, True):

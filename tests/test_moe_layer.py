@@ -43,32 +43,43 @@ def test_sparse_experts_match_naive_loop_outputs_and_grads(activation, bias, bac
 
 
 def test_each_backend_really_runs_its_path(monkeypatch):
-    """grouped_mm calls it twice (one per weight); the loop (auto on CPU) never does."""
+    """grouped_mm calls it twice (one per weight); the loop never does; auto on CPU takes the loop from
+    LOOP_MIN_PAIRS pairs per expert on average, grouped_mm below."""
     calls = []
     import torch.nn.functional as F
     real = F.grouped_mm
     monkeypatch.setattr(F, "grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
     E = Experts(4, 16, 8, "gelu", backend="grouped_mm")
-    E(torch.randn(5, 16), torch.randint(0, 4, (5, 2)))
+    few = (torch.randn(5, 16), torch.randint(0, 4, (5, 2)))
+    many = (torch.randn(512, 16), torch.randint(0, 4, (512, 2)))   # 1024 pairs = 256 per expert
+    E(*few)
     assert len(calls) == 2
-    for backend in ("loop", "auto"):
-        E.backend = backend
-        E(torch.randn(5, 16), torch.randint(0, 4, (5, 2)))
-        assert len(calls) == 2
+    E.backend = "loop"
+    E(*few)
+    assert len(calls) == 2
+    E.backend = "auto"
+    E(*many)
+    assert len(calls) == 2
+    E(*few)
+    assert len(calls) == 4
 
 
 def test_auto_backend_resolution(monkeypatch):
     import competesmoe.moe.experts as experts_mod
     E = Experts(4, 16, 8, "gelu")
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert E.path(cpu, torch.float32) == E.path(cpu, torch.bfloat16) == E.path(cpu, torch.float64) == "loop"
+    many = E.LOOP_MIN_PAIRS * 4
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        assert E.path(cpu, dtype) == E.path(cpu, dtype, many) == "loop"
+    assert E.path(cpu, torch.float32, many - 1) == E.path(cpu, torch.bfloat16, 8) == "grouped_mm"
+    assert E.path(cpu, torch.float64, 8) == "loop"                    # grouped_mm takes fp32/bf16 only
     if experts_mod.triton_moe is not None:
-        assert E.path(cuda, torch.bfloat16) == E.path(cuda, torch.float32) == "triton"
+        assert E.path(cuda, torch.bfloat16) == E.path(cuda, torch.float32, 8) == "triton"
     monkeypatch.setattr(experts_mod, "triton_moe", None)          # CUDA without Triton
-    assert E.path(cuda, torch.bfloat16) == "grouped_mm"           # CUDA's grouped_mm takes bf16 only
-    assert E.path(cuda, torch.float32) == "loop"
+    assert E.path(cuda, torch.bfloat16) == E.path(cuda, torch.bfloat16, many) == "grouped_mm"
+    assert E.path(cuda, torch.float32) == "loop"                   # CUDA's grouped_mm takes bf16 only
     E.backend = "grouped_mm"
-    assert E.path(cpu, torch.float32) == "grouped_mm"
+    assert E.path(cpu, torch.float32, many) == "grouped_mm"
     with pytest.raises(RuntimeError, match="16-byte"):
         E.path(cpu, torch.float64)
 

@@ -8,10 +8,11 @@
 Sparse dispatch, by `backend`:
   * "triton" (chosen by "auto" on CUDA when Triton is installed): fused gather → grouped GEMM → scatter
     kernels with the routing weights folded into the second GEMM (`kernels/triton_moe.py`);
-  * "loop" (chosen by "auto" on CPU): one expert at a time through cache-sized buffers, keeping only the
-    pre-activations for a hand-written backward (`kernels/looped.py`); any dtype and stride;
-  * "grouped_mm" (chosen by "auto" on CUDA without Triton where dtype and strides allow it): pairs sorted
-    by expert, one `torch.nn.functional.grouped_mm` per weight, plain autograd: the reference path.
+  * "loop" (chosen by "auto" on CPU from 256 pairs per expert): one expert at a time through cache-sized
+    buffers, keeping only the pre-activations for a hand-written backward (`kernels/looped.py`); any dtype;
+  * "grouped_mm" (chosen by "auto" on CUDA without Triton, and on CPU for fewer pairs, where dtype and
+    strides allow it): pairs sorted by expert, one `torch.nn.functional.grouped_mm` per weight, plain
+    autograd: the reference path.
 All three take the same weights and routing and agree with a naive per-token loop (tests/test_dispatch.py).
 
 Shapes: T tokens, D d_model, N experts, K choices per token, H expert width, M = T·K (pairs).
@@ -44,6 +45,8 @@ def _aligned(t: torch.Tensor) -> bool:
 
 class Experts(nn.Module):
     """N FFN experts `g_i(x) = W2_i φ(W1_i x)`; `swiglu`: `W2_i (silu(G_i x) ⊙ U_i x)`."""
+
+    LOOP_MIN_PAIRS = 256   # "auto" on CPU: the loop from this many pairs per expert on average
 
     def __init__(self, n_experts: int, d_model: int, d_expert: int, activation: str = "gelu",
                  bias: bool = False, backend: str = "auto") -> None:
@@ -115,7 +118,7 @@ class Experts(nn.Module):
 
     def _dispatch(self, x_TD, idx_TK, w_TK=None) -> torch.Tensor:
         dt = compute_dtype(x_TD)
-        path = self.path(x_TD.device, dt) if x_TD.shape[0] else "loop"
+        path = self.path(x_TD.device, dt, idx_TK.numel()) if x_TD.shape[0] else "loop"
         if path == "grouped_mm":
             return self._sorted(x_TD.to(dt), idx_TK, w_TK)
         cast = [None if p is None else p.to(dt) for p in (self.w1, self.b1, self.w2, self.b2)]
@@ -124,11 +127,13 @@ class Experts(nn.Module):
                 return triton_moe.fused_experts(x_TD.to(dt), *cast, idx_TK, self._act, w_TK)
             return looped_experts(x_TD.to(dt), *cast, idx_TK, self._act, w_TK, self._act_grad)
 
-    def path(self, device: torch.device, dtype: torch.dtype) -> str:
-        """The dispatch `backend` resolves to for inputs on `device` in `dtype`: "triton", "grouped_mm" or "loop".
+    def path(self, device: torch.device, dtype: torch.dtype, pairs: int | None = None) -> str:
+        """The dispatch `backend` resolves to for `pairs` (token, expert) pairs on `device` in `dtype`:
+        "triton", "grouped_mm" or "loop".
 
-        "auto": Triton on CUDA; on CPU the loop (measured faster and lighter than grouped_mm there:
-        docs/results/moe_layer-cpu.md); grouped_mm elsewhere where it can run.
+        "auto": Triton on CUDA; on CPU the loop once the experts average `LOOP_MIN_PAIRS` pairs each (as fast
+        as grouped_mm or faster from there, and lighter: docs/results/moe_layer-cpu.md), grouped_mm below
+        (the loop's per-expert overhead dominates); grouped_mm elsewhere where it can run, else the loop.
         """
         if self.backend == "triton" or (self.backend == "auto" and device.type == "cuda"):
             ok = triton_moe is not None and triton_moe.available(device)
@@ -144,7 +149,8 @@ class Experts(nn.Module):
                     f"d_model={self.d_model}, d_expert={self.d_expert}, weights 16-byte aligned: "
                     f"{_aligned(self.w1) and _aligned(self.w2)}: sizes must give 16-byte strides); use 'auto'")
             return "grouped_mm"
-        return "loop"
+        few = self.backend == "auto" and pairs is not None and pairs < self.LOOP_MIN_PAIRS * self.n_experts
+        return "grouped_mm" if few and self._grouped_mm_ok(device, dtype) else "loop"
 
     def _grouped_mm_ok(self, device: torch.device, dtype: torch.dtype) -> bool:
         es = torch.empty(0, dtype=dtype).element_size()

@@ -12,8 +12,9 @@ Reported, each a median over --repeats timed runs after warm-up, ratios from the
   2. speed-up over transformers' MixtralSparseMoeBlock with the same weights (each experts implementation)
   3. competition step / normal step, against the FLOP bound (N + 3K) / (3K) (all N experts forward, the K
      winners forward + backward) and (N + 4K) / (3K) (the winners once more in backward: recompute_winners)
-  4. peak memory of a competition step / a normal step (CPU: peak resident memory, VmHWM, of a fresh
-     process, reset before the step and checked on a known allocation, median of 3 processes; CUDA: allocator)
+  4. peak memory of a competition step / a normal step: live tensor bytes by the allocator's count (CUDA:
+     max_memory_allocated; CPU: the profiler's memory events), and on CPU also the resident high-water mark
+     (VmHWM) of a fresh process; each checked on a known allocation, medians of 3 processes
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -143,7 +145,12 @@ def bench_shape(shape, dtype_name, device, tokens, repeats, hf_impls, backends=(
 
 
 # --- peak memory -------------------------------------------------------------------------------------
-# CPU: the high-water mark of this process's own address space (VmHWM), reset just before the step.
+# Two measures of one step's peak, above what was allocated before it:
+#   tensors   the peak of live tensor bytes by the allocator's own count (CUDA: max_memory_allocated; CPU: the
+#             "Total Allocated" of the profiler's memory events), what the goal of the issue is about;
+#   resident  CPU only: the process' resident high-water mark (VmHWM), which also holds what glibc keeps
+#             from freed tensors (it varies with allocation sizes: fine bf16 competition 830-870 MiB
+#             resident for 142 MiB of tensors), in a fresh process per probe.
 # Not getrusage's ru_maxrss: on Linux it survives exec, so a probe started from a large parent reports
 # the parent's peak (how docs/results/moe_layer-cpu.md of 2026-11-27 came to show 1.00 with the same MiB
 # for both steps: every child printed the benchmark process's own peak, which grew from row to row).
@@ -164,6 +171,22 @@ def cpu_peak_mib(fn) -> float:
     return _status_mib("VmHWM") - base
 
 
+def cpu_tensor_peak_mib(fn) -> float:
+    """Peak of live CPU tensor bytes above the level before `fn`, from the profiler's allocator events."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as d:
+        prof.export_chrome_trace(f"{d}/trace.json")
+        with open(f"{d}/trace.json") as f:
+            events = [e["args"] for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
+    events = [a for a in events if a.get("Device Type") == 0]
+    if not events:
+        raise RuntimeError("memory probe broken: the profiler recorded no CPU allocation")
+    before = events[0]["Total Allocated"] - events[0]["Bytes"]   # the level just before the first event
+    return (max(a["Total Allocated"] for a in events) - before) / 2**20
+
+
 CALIBRATION_MIB = 64
 
 
@@ -182,34 +205,45 @@ def memory_probe(shape, dtype_name, device, tokens, compete: bool) -> dict:
         run()
         torch.cuda.synchronize()
         return {"peak_MiB": (torch.cuda.max_memory_allocated() - base) / 2**20}
-    # The probe must see an allocation of known size, else its numbers mean nothing.
-    calib = cpu_peak_mib(lambda: torch.ones(CALIBRATION_MIB << 18).sum())
-    if not CALIBRATION_MIB * 0.9 <= calib <= CALIBRATION_MIB * 1.5:
-        raise RuntimeError(f"memory probe broken: a {CALIBRATION_MIB} MiB tensor showed as {calib:.1f} MiB")
-    return {"peak_MiB": cpu_peak_mib(run), "calibration_MiB": calib}
+    # Each probe must see an allocation of known size, else its numbers mean nothing.
+    def calibration():
+        torch.ones(CALIBRATION_MIB << 18).sum()
+    for name, probe in (("resident", cpu_peak_mib), ("tensors", cpu_tensor_peak_mib)):
+        calib = probe(calibration)
+        if not CALIBRATION_MIB * 0.9 <= calib <= CALIBRATION_MIB * 1.5:
+            raise RuntimeError(f"{name} memory probe broken: a {CALIBRATION_MIB} MiB tensor showed as {calib:.1f} MiB")
+    resident = cpu_peak_mib(run)          # first: the step's first run in this process
+    return {"peak_MiB": cpu_tensor_peak_mib(run), "resident_MiB": resident}
 
 
 def memory_ratio(shape, dtype_name, device, tokens, probes: int = 3) -> dict:
     if device == "cuda":
-        normal = memory_probe(shape, dtype_name, device, tokens, False)["peak_MiB"]
-        compete = memory_probe(shape, dtype_name, device, tokens, True)["peak_MiB"]
+        normal = memory_probe(shape, dtype_name, device, tokens, False)
+        compete = memory_probe(shape, dtype_name, device, tokens, True)
         runs = {"normal": [normal], "compete": [compete]}
     else:  # a fresh process each, so that the allocator's state belongs to that step alone
         def child(c):
             out = subprocess.run([sys.executable, __file__, "--_memprobe", shape, dtype_name, str(tokens), str(int(c)),
                                   "--threads", str(torch.get_num_threads())],
                                  check=True, capture_output=True, text=True)
-            return json.loads(out.stdout.strip().splitlines()[-1])["peak_MiB"]
+            return json.loads(out.stdout.strip().splitlines()[-1])
         # Median of several probes: with 2+ threads, glibc's per-thread arenas now and then keep a few
         # hundred MiB more resident in one process than in the next.
         runs = {"normal": [], "compete": []}
         for _ in range(probes):
             runs["normal"].append(child(False))
             runs["compete"].append(child(True))
-        normal, compete = statistics.median(runs["normal"]), statistics.median(runs["compete"])
-    check_distinct_probes(normal, compete, f"{shape} {dtype_name}")
-    return {"normal_MiB": normal, "compete_MiB": compete, "memory_ratio": compete / normal,
-            "normal_MiB_runs": runs["normal"], "compete_MiB_runs": runs["compete"]}
+    res = {}
+    for key, label in (("peak_MiB", ""), ("resident_MiB", "resident_")):
+        if key not in runs["normal"][0]:
+            continue
+        normal = statistics.median(r[key] for r in runs["normal"])
+        compete = statistics.median(r[key] for r in runs["compete"])
+        check_distinct_probes(normal, compete, f"{shape} {dtype_name} {key}")
+        res.update({f"{label}normal_MiB": normal, f"{label}compete_MiB": compete, f"{label}memory_ratio": compete / normal,
+                    f"{label}normal_MiB_runs": [r[key] for r in runs["normal"]],
+                    f"{label}compete_MiB_runs": [r[key] for r in runs["compete"]]})
+    return res
 
 
 def check_distinct_probes(normal: float, compete: float, what: str) -> None:
@@ -230,13 +264,16 @@ def report(results, args, hf_default) -> str:
              f"- load average (1 min) at start / end: {args.load_start:.2f} / {os.getloadavg()[0]:.2f} "
              f"on {os.cpu_count()} CPUs (other jobs share this machine)", "",
              "| shape | dtype | ours (s) | dense chain (s) | efficiency (goal ≥ 0.8) | compete / normal | bound (N+3K)/3K "
-             "| ratio / bound (goal ≤ 1.0) | ratio / (N+4K)/3K | peak mem compete / normal (goal ≤ 1.2) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| ratio / bound (goal ≤ 1.0) | ratio / (N+4K)/3K | peak tensor memory compete / normal (goal ≤ 1.2) "
+             "| resident peak compete / normal |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['shape']} | {r['dtype']} | {r['ours_s']:.4f} | {r['dense_s']:.4f} | {r['efficiency']:.2f} "
                      f"| {r['compete_ratio']:.2f} | {r['compete_bound']:.2f} | {r['compete_ratio'] / r['compete_bound']:.2f} "
                      f"| {r['compete_ratio'] / r['compete_bound_recompute']:.2f} "
-                     f"| {r.get('memory_ratio', float('nan')):.2f} ({r.get('compete_MiB', 0):.0f} / {r.get('normal_MiB', 0):.0f} MiB) |")
+                     f"| {r.get('memory_ratio', float('nan')):.2f} ({r.get('compete_MiB', 0):.0f} / {r.get('normal_MiB', 0):.0f} MiB) "
+                     f"| {r.get('resident_memory_ratio', float('nan')):.2f} ({r.get('resident_compete_MiB', 0):.0f} / "
+                     f"{r.get('resident_normal_MiB', 0):.0f} MiB) |")
     others = [k[len("ours_"):-2] for k in results[0] if k.startswith("ours_") and k not in ("ours_s", "ours_swiglu_s")]
     if others:
         lines += ["", "Expert dispatch backends (same layer, same weights; `auto` picks "

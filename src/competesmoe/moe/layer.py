@@ -123,16 +123,7 @@ class MoE(nn.Module):
         # Steps 1-2: all affinities without a graph (no activations kept for the losers).
         a_TN, lse_TD = comp.all_affinities(self.experts, x_TD, cc.kappa, self._chunk(x_TD))
         win_TK = a_TN.topk(K, dim=-1).indices                                  # step 3: I_C
-
-        def winners(x_TD):
-            # The winners with gradients; s_C (step 3), y (step 4) and L_div (Eq. (3)) in one block-wise
-            # pass through their outputs, without float32 copies of out_TKD.
-            return comp.winners_outputs(self.experts(x_TD, win_TK), cc.kappa, cc.eps, lse_TD)
-        if cc.recompute_winners and torch.is_grad_enabled():
-            # Backward recomputes the winners' outputs instead of keeping [T, K, D] per layer.
-            y_TD, s_TK, l_div = checkpoint(winners, x_TD, use_reentrant=False)
-        else:
-            y_TD, s_TK, l_div = winners(x_TD)
+        y_TD, s_TK, l_div = self._winners(x_TD, win_TK, lse_TD)
         if cc.competition_forward:
             idx_TK, w_TK = win_TK, s_TK                                          # step 4
         else:
@@ -164,6 +155,37 @@ class MoE(nn.Module):
             stats["zloss"] = z.detach()
             total = total + lc.zloss_coef * z
         return total
+
+    def _winners(self, x_TD, win_TK, lse_TD):
+        """The winners with gradients: s_C (step 3), y (step 4) and L_div (Eq. (3)) in one block-wise pass
+        through their outputs, without float32 copies of out_TKD.
+
+        With `recompute_winners`, token chunk by token chunk under activation checkpointing: nothing of
+        out_TKD is kept for backward, and backward holds one chunk's outputs at a time.
+        """
+        cc = self.cfg.competition
+
+        def chunk(x_cD, win_cK, *lse_cD):
+            y, s, l_div = comp.winners_outputs(self.experts(x_cD, win_cK), cc.kappa, cc.eps, *lse_cD)
+            return y, s, l_div * x_cD.shape[0]              # L_div summed over the chunk's tokens
+
+        if not (cc.recompute_winners and torch.is_grad_enabled()):
+            y_TD, s_TK, l_sum = chunk(x_TD, win_TK, *(() if lse_TD is None else (lse_TD,)))
+            return y_TD, s_TK, l_sum / x_TD.shape[0]
+        # Expert parallelism exchanges tokens inside: every rank must run as many chunks, so one chunk.
+        rows = self._winners_chunk(x_TD) if type(self.experts) is Experts else x_TD.shape[0]
+        parts = zip(x_TD.split(rows), win_TK.split(rows),
+                    *(() if lse_TD is None else (lse_TD.split(rows),)))
+        outs = [checkpoint(chunk, *p, use_reentrant=False) for p in parts]
+        return (torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]),
+                torch.stack([o[2] for o in outs]).sum() / x_TD.shape[0])
+
+    def _winners_chunk(self, x_TD: torch.Tensor) -> int:
+        """Tokens per winners' chunk: [chunk, K, D] within the all-expert pass' element budget, but enough
+        pairs per expert to keep the experts' GEMMs efficient."""
+        budget = _AUTO_CHUNK_ELEMENTS.get(x_TD.device.type, _AUTO_CHUNK_DEFAULT)
+        K = self.cfg.k_routed
+        return max(1, budget // (K * self.cfg.d_model), Experts.LOOP_MIN_PAIRS * self.cfg.n_routed // K)
 
     def _chunk(self, x_TD: torch.Tensor) -> int:
         if self.cfg.competition.chunk_tokens is not None:

@@ -82,6 +82,21 @@ def test_auto_backend_resolution(monkeypatch):
     assert E.path(cpu, torch.float32, many) == "grouped_mm"
     with pytest.raises(RuntimeError, match="16-byte"):
         E.path(cpu, torch.float64)
+    E.backend = "auto"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)   # grouped_mm's meta kernel: bf16 only
+    assert E.path(cpu, torch.float32, 8) == "loop"
+    assert E.path(cpu, torch.bfloat16, 8) == "grouped_mm"
+
+
+def test_few_pairs_compile_in_float32_on_cpu():
+    """torch.compile traces grouped_mm with its bf16-only meta kernel: auto must not pick it for fp32."""
+    E = Experts(4, 16, 16, "gelu")
+    x, idx, w = torch.randn(6, 16, requires_grad=True), torch.randint(0, 4, (6, 2)), torch.rand(6, 2)
+    want = E.mix(x, idx, w)
+    got = torch.compile(E.mix, backend="aot_eager", fullgraph=False)(x, idx, w)
+    torch.testing.assert_close(got, want)
+    got.sum().backward()
+    assert x.grad is not None
 
 
 def test_grouped_mm_refuses_misaligned_sizes_clearly(monkeypatch):

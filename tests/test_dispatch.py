@@ -123,3 +123,17 @@ def test_loop_keeps_only_pre_activations_for_backward(weighted):
     M = T * K
     assert saved["loop"] <= (M * H + 2 * M) * 4 + M * 8          # h, scale (fp32), order (int64)
     assert saved["grouped_mm"] >= M * D * 4                         # at least the gathered tokens
+
+
+def test_loop_without_a_graph_keeps_no_pre_activations():
+    """Inference: the same output, and the loop allocates one expert's pre-activations, not [T·K, H]."""
+    ex = Experts(4, 32, 64, "gelu", backend="loop")
+    x, idx, w = torch.randn(256, 32), torch.randint(0, 4, (256, 2)), torch.rand(256, 2)
+    want = ex.mix(x, idx, w)
+    sizes = []
+    real = torch.Tensor.new_empty
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.Tensor, "new_empty", lambda self, *s, **k: sizes.append(tuple(s)) or real(self, *s, **k))
+        got = ex.mix(x, idx, w)
+    assert torch.equal(got, want.detach())
+    assert (512, 64) not in sizes and max(s[0] for s in sizes) <= int(torch.bincount(idx.reshape(-1)).max())

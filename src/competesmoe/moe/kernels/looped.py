@@ -32,15 +32,16 @@ def _plan(idx_TK: torch.Tensor, n_experts: int, weighted: bool):
 
 class _LoopedExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, w1, b1, w2, b2, w_TK, idx_TK, act, act_grad):
+    def forward(ctx, x_TD, w1, b1, w2, b2, w_TK, idx_TK, act, act_grad, keep: bool):
         T, K = idx_TK.shape
         D, weighted = x_TD.shape[1], w_TK is not None
         order_M, counts, tok_e, dst_e = _plan(idx_TK, w1.shape[0], weighted)
         scale_M = None if not weighted else w_TK.reshape(-1).index_select(0, order_M).to(x_TD.dtype)
         fold = weighted and w2.shape[2] <= D   # weights scale the narrower side of GEMM 2, as the grouped path
-        h_MH = x_TD.new_empty(T * K, w1.shape[1])
+        n_max = max(counts, default=0)
+        h_MH = x_TD.new_empty(T * K if keep else n_max, w1.shape[1])   # without a graph: one expert's rows
         out = x_TD.new_zeros(T if weighted else T * K, D)
-        x_buf, y_buf = (x_TD.new_empty(max(counts, default=0), D) for _ in range(2))   # reused by every expert
+        x_buf, y_buf = (x_TD.new_empty(n_max, D) for _ in range(2))   # reused by every expert
         start = 0
         for e, n in enumerate(counts):
             if n == 0:
@@ -48,7 +49,7 @@ class _LoopedExperts(torch.autograd.Function):
             rows = slice(start, start + n)
             start += n
             x_e = torch.index_select(x_TD, 0, tok_e[e], out=x_buf[:n])
-            h = torch.mm(x_e, w1[e].t(), out=h_MH[rows])
+            h = torch.mm(x_e, w1[e].t(), out=h_MH[rows] if keep else h_MH[:n])
             if b1 is not None:
                 h += b1[e]
             a = act(h)
@@ -113,7 +114,7 @@ class _LoopedExperts(torch.autograd.Function):
         gw_TK = None
         if gs_M is not None and need[5]:
             gw_TK = torch.empty_like(gs_M).index_copy_(0, order_M, gs_M).view_as(w_TK).to(w_TK.dtype)
-        return gx, gw1, gb1, gw2, gb2, gw_TK, None, None, None
+        return gx, gw1, gb1, gw2, gb2, gw_TK, None, None, None, None
 
 
 @torch.compiler.disable   # a Python loop over data-dependent sizes: dynamo runs it eagerly
@@ -124,7 +125,8 @@ def looped_experts(x_TD, w1, b1, w2, b2, idx_TK, act, w_TK=None, act_grad=None) 
     `act` maps the [n, H_in] pre-activations to a new [n, H] tensor (swiglu halves H_in); `act_grad(h, dL/da)` gives
     dL/dh (default: autograd through `act`, one call per expert, which costs ~3% of a step at the fine shape).
     """
-    return _LoopedExperts.apply(x_TD, w1, b1, w2, b2, w_TK, idx_TK, act, act_grad or partial(_autograd_vjp, act))
+    keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x_TD, w1, b1, w2, b2, w_TK))
+    return _LoopedExperts.apply(x_TD, w1, b1, w2, b2, w_TK, idx_TK, act, act_grad or partial(_autograd_vjp, act), keep)
 
 
 def _autograd_vjp(act, h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

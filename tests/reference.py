@@ -1,12 +1,31 @@
 """Naive references for the tests: plain loops over tokens and experts, written from the paper's equations.
+Also `saved_storages`, the memory tests' one measure of what autograd keeps for backward.
 
 Nothing here imports the library's math; only parameters are read from the modules under test.
 """
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
+
+
+@contextmanager
+def saved_storages(exclude=()):
+    """{storage pointer: bytes} of every distinct storage autograd saves for backward inside the block,
+    except the storages of the tensors in `exclude` (parameters, inputs)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield seen
 
 
 def act(name: str, h: torch.Tensor) -> torch.Tensor:

@@ -17,16 +17,7 @@ import reference as ref
 
 
 def saved_bytes(module: torch.nn.Module, step) -> int:
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with ref.saved_storages(exclude=module.parameters()) as storages:
         loss = step()
     loss.backward()
     return sum(storages.values())

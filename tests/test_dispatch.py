@@ -104,19 +104,10 @@ def test_loop_keeps_only_pre_activations_for_backward(weighted):
     sorted pairs' weights and order. The grouped path keeps the gathered tokens and more."""
     T, K, D, H, N = 64, 4, 32, 16, 8
     x, idx, w = torch.randn(T, D, requires_grad=True), torch.randint(0, N, (T, K)), torch.rand(T, K)
-    inputs = {}
-    saved = {}
 
     def saved_bytes(backend):
         ex = Experts(N, D, H, "relu", backend=backend)
-        inputs[backend] = {p.data_ptr() for p in ex.parameters()} | {x.data_ptr()}
-        seen = {}
-
-        def pack(t):
-            if t.data_ptr() not in inputs[backend]:
-                seen[t.data_ptr()] = t.numel() * t.element_size()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with ref.saved_storages(exclude=[x, *ex.parameters()]) as seen:
             ex.mix(x, idx, w) if weighted else ex(x, idx)
         return sum(seen.values())
     saved = {b: saved_bytes(b) for b in ("loop", "grouped_mm")}

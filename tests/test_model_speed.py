@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import reference as ref
 from competesmoe import MoEConfig
 from competesmoe.model import loss as loss_mod
 from competesmoe.model.loss import lm_cross_entropy
@@ -38,17 +39,10 @@ def test_blockwise_cross_entropy_equals_float32_reference(monkeypatch, dtype):
 def test_blockwise_cross_entropy_keeps_no_float32_copy_of_bf16_logits():
     logits = torch.randn(64, 1000).bfloat16().requires_grad_()
     targets = torch.randint(0, 1000, (64,))
-    saved = {}
-
-    def pack(t):
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with ref.saved_storages() as saved:
         lm_cross_entropy(logits, targets)
     assert sum(saved.values()) <= logits.numel() * 2 + targets.numel() * 8 + 1024   # logits + targets only
-    saved.clear()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with ref.saved_storages() as saved:
         F.cross_entropy(logits.float(), targets)                             # the old way: fp32 copies
     assert sum(saved.values()) >= logits.numel() * 4
 

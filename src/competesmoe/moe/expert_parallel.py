@@ -103,6 +103,8 @@ def exchange(x: torch.Tensor, send: list[int], recv: list[int], group, method: s
 class ExpertParallelExperts(Experts):
     """This rank's N/E experts of a layer, with the `Experts` contract over all N (global ids)."""
 
+    exchanges_tokens = True
+
     def __init__(self, full: Experts, group, exchange: str = "auto") -> None:
         E, j = dist.get_world_size(group), dist.get_rank(group)
         if full.n_experts % E:

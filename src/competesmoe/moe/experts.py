@@ -47,6 +47,7 @@ class Experts(nn.Module):
     """N FFN experts `g_i(x) = W2_i φ(W1_i x)`; `swiglu`: `W2_i (silu(G_i x) ⊙ U_i x)`."""
 
     LOOP_MIN_PAIRS = 256   # "auto" on CPU: the loop from this many pairs per expert on average
+    exchanges_tokens = False   # expert parallelism: forward exchanges tokens between ranks (its own dispatch)
 
     def __init__(self, n_experts: int, d_model: int, d_expert: int, activation: str = "gelu",
                  bias: bool = False, backend: str = "auto") -> None:
@@ -108,7 +109,7 @@ class Experts(nn.Module):
         The weights scale φ(h) before the second matmul when it is the narrower ([M, H] vs the outputs'
         [M, D]), and the pairs are summed into their tokens: no [T, K, D] outputs, no un-sorting.
         """
-        if type(self).forward is not Experts.forward:   # a subclass (expert parallelism) keeps its dispatch
+        if self.exchanges_tokens:   # expert parallelism keeps its own dispatch
             return self.combine(self(x_TD, idx_TK), w_TK)
         return self._dispatch(x_TD, idx_TK, w_TK)
 
@@ -119,13 +120,14 @@ class Experts(nn.Module):
     def _dispatch(self, x_TD, idx_TK, w_TK=None) -> torch.Tensor:
         dt = compute_dtype(x_TD)
         path = self.path(x_TD.device, dt, idx_TK.numel()) if x_TD.shape[0] else "loop"
+        x_TD = x_TD.to(dt)
         if path == "grouped_mm":
-            return self._sorted(x_TD.to(dt), idx_TK, w_TK)
+            return self._sorted(x_TD, idx_TK, w_TK)
         cast = [None if p is None else p.to(dt) for p in (self.w1, self.b1, self.w2, self.b2)]
         with torch.autocast(x_TD.device.type, enabled=False):     # the kernels take the compute dtype
             if path == "triton":
-                return triton_moe.fused_experts(x_TD.to(dt), *cast, idx_TK, self._act, w_TK)
-            return looped_experts(x_TD.to(dt), *cast, idx_TK, self._act, w_TK, self._act_grad)
+                return triton_moe.fused_experts(x_TD, *cast, idx_TK, self._act, w_TK)
+            return looped_experts(x_TD, *cast, idx_TK, self._act, w_TK, self._act_grad)
 
     def path(self, device: torch.device, dtype: torch.dtype, pairs: int | None = None) -> str:
         """The dispatch `backend` resolves to for `pairs` (token, expert) pairs on `device` in `dtype`:
@@ -135,22 +137,24 @@ class Experts(nn.Module):
         as grouped_mm or faster from there, and lighter: docs/results/moe_layer-cpu.md), grouped_mm below
         (the loop's per-expert overhead dominates); grouped_mm elsewhere where it can run, else the loop.
         """
+        if self.backend == "loop":
+            return "loop"
         if self.backend == "triton" or (self.backend == "auto" and device.type == "cuda"):
-            ok = triton_moe is not None and triton_moe.available(device)
-            if ok or self.backend == "auto":
-                return "triton" if ok else ("grouped_mm" if self._grouped_mm_ok(device, dtype) else "loop")
-            why = "Triton is not installed" if triton_moe is None else (
-                f"device {device.type} needs CUDA (or TRITON_INTERPRET=1 on CPU)")
-            raise RuntimeError(f"backend='triton' is not possible here: {why}; use 'auto'")
-        if self.backend == "grouped_mm":
-            if not self._grouped_mm_ok(device, dtype):
-                raise RuntimeError(
-                    f"backend='grouped_mm' is not possible here (device={device.type}, dtype={dtype}, "
-                    f"d_model={self.d_model}, d_expert={self.d_expert}, weights 16-byte aligned: "
-                    f"{_aligned(self.w1) and _aligned(self.w2)}: sizes must give 16-byte strides); use 'auto'")
-            return "grouped_mm"
-        few = self.backend == "auto" and pairs is not None and pairs < self.LOOP_MIN_PAIRS * self.n_experts
-        return "grouped_mm" if few and self._grouped_mm_ok(device, dtype) else "loop"
+            if triton_moe is not None and triton_moe.available(device):
+                return "triton"
+            if self.backend == "triton":
+                why = "Triton is not installed" if triton_moe is None else (
+                    f"device {device.type} needs CUDA (or TRITON_INTERPRET=1 on CPU)")
+                raise RuntimeError(f"backend='triton' is not possible here: {why}; use 'auto'")
+        gmm_ok = self._grouped_mm_ok(device, dtype)
+        if self.backend == "grouped_mm" and not gmm_ok:
+            raise RuntimeError(
+                f"backend='grouped_mm' is not possible here (device={device.type}, dtype={dtype}, "
+                f"d_model={self.d_model}, d_expert={self.d_expert}, weights 16-byte aligned: "
+                f"{_aligned(self.w1) and _aligned(self.w2)}: sizes must give 16-byte strides); use 'auto'")
+        loop_first = (self.backend == "auto" and device.type == "cpu"
+                      and (pairs is None or pairs >= self.LOOP_MIN_PAIRS * self.n_experts))
+        return "grouped_mm" if gmm_ok and not loop_first else "loop"
 
     def _grouped_mm_ok(self, device: torch.device, dtype: torch.dtype) -> bool:
         es = torch.empty(0, dtype=dtype).element_size()

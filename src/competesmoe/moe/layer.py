@@ -169,14 +169,13 @@ class MoE(nn.Module):
             y, s, l_div = comp.winners_outputs(self.experts(x_cD, win_cK), cc.kappa, cc.eps, *lse_cD)
             return y, s, l_div * x_cD.shape[0]              # L_div summed over the chunk's tokens
 
+        inputs = (x_TD, win_TK) if lse_TD is None else (x_TD, win_TK, lse_TD)
         if not (cc.recompute_winners and torch.is_grad_enabled()):
-            y_TD, s_TK, l_sum = chunk(x_TD, win_TK, *(() if lse_TD is None else (lse_TD,)))
+            y_TD, s_TK, l_sum = chunk(*inputs)
             return y_TD, s_TK, l_sum / x_TD.shape[0]
         # Expert parallelism exchanges tokens inside: every rank must run as many chunks, so one chunk.
-        rows = self._winners_chunk(x_TD) if type(self.experts) is Experts else x_TD.shape[0]
-        parts = zip(x_TD.split(rows), win_TK.split(rows),
-                    *(() if lse_TD is None else (lse_TD.split(rows),)))
-        outs = [checkpoint(chunk, *p, use_reentrant=False) for p in parts]
+        rows = x_TD.shape[0] if self.experts.exchanges_tokens else self._winners_chunk(x_TD)
+        outs = [checkpoint(chunk, *p, use_reentrant=False) for p in zip(*(t.split(rows) for t in inputs))]
         return (torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]),
                 torch.stack([o[2] for o in outs]).sum() / x_TD.shape[0])
 

@@ -118,11 +118,18 @@ def test_compare_reports_skips_finished_runs_and_resumes(tmp_path, monkeypatch):
 
 
 def test_table7_diversity_without_competition_is_a_compare_variant(tmp_path):
-    """Table 7, CM ✗ DL ✓: `smoe:router_diversity=true` (no schedule, β·L_div on the router's top-K)."""
+    """Table 7, CM ✗ DL ✓: `smoe:router_diversity=true` (β·L_div on the router's top-K on the steps the
+    schedule picks)."""
     v = parse_variant("smoe:router_diversity=true")
     cfg = run_config("tiny", [], v, seed=1, out_dir=tmp_path)
     assert cfg.model.moe.router == "smoe" and cfg.model.moe.competition.router_diversity is True
     model = MoETransformer(cfg.model).train()
+    from competesmoe.moe import CompetitionSchedule, attach_schedule
+    n_layers = cfg.model.n_layers
+    sched = CompetitionSchedule(n_layers, 2, omega=1.0, a_max=n_layers)
+    attach_schedule(model, sched)
     ids = torch.randint(0, cfg.model.vocab_size, (2, 16))
     out = model(ids, ids)
     assert all("diversity" in o.stats and not o.competed for o in out.moe)
+    sched.table[:, 0] = False                       # a step the schedule does not pick: no L_div
+    assert all("diversity" not in o.stats for o in model(ids, ids).moe)

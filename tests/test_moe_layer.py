@@ -288,9 +288,10 @@ def test_competition_aux_loss_is_gamma_distill_plus_beta_diversity(distill):
 
 
 def test_router_diversity_adds_beta_diversity_of_the_routers_top_k_every_step():
-    """Table 7's "diversity loss without competition": β·L_div on the router's own top-K outputs."""
+    """Table 7's "diversity loss without competition": β·L_div on the router's own top-K outputs
+    (`router_diversity_steps="all"`: every training step)."""
     cfg = MoEConfig(d_model=8, d_expert=4, n_experts=6, top_k=3, router="smoe", losses=LossConfig(balance="none"),
-                    competition=CompetitionConfig(router_diversity=True, beta=0.2))
+                    competition=CompetitionConfig(router_diversity=True, router_diversity_steps="all", beta=0.2))
     moe = MoE(cfg).train()
     _randomize(moe)
     x = torch.randn(10, 8)
@@ -305,6 +306,29 @@ def test_router_diversity_adds_beta_diversity_of_the_routers_top_k_every_step():
     assert moe.eval()(x).aux_loss.item() == 0.0                                  # training only
     plain = MoE(cfg.replace(competition=CompetitionConfig(beta=0.2))).train()
     assert plain(x).aux_loss.item() == 0.0                                        # off by default
+
+
+def test_router_diversity_by_default_only_on_the_schedules_steps():
+    """The default dose: L_div only where the competition schedule fires for this layer (ω of the steps
+    after warm-up); without a schedule (a layer on its own) never."""
+    from competesmoe.moe import CompetitionSchedule
+    from competesmoe.moe.layer import attach_schedule, on_optimizer_step
+    cfg = MoEConfig(d_model=8, d_expert=4, n_experts=6, top_k=3, router="smoe", losses=LossConfig(balance="none"),
+                    competition=CompetitionConfig(router_diversity=True, beta=0.2))
+    moe = MoE(cfg).train()
+    _randomize(moe)
+    x = torch.randn(10, 8)
+    assert moe(x).aux_loss.item() == 0.0 and "diversity" not in moe(x).stats      # no schedule attached
+    sched = CompetitionSchedule(1, 40, omega=0.3, a_max=1, warmup=0.25, seed=3)
+    attach_schedule(moe, sched)
+    fired = []
+    for step in range(40):
+        out = moe(x)
+        fired.append("diversity" in out.stats)
+        assert (out.aux_loss.item() != 0) == fired[-1]
+        on_optimizer_step(moe)
+    assert fired == [bool(sched.table[0, t]) for t in range(40)]
+    assert not any(fired[:10]) and 0 < sum(fired) < 40                               # none in the warm-up
 
 
 def test_losers_and_router_get_no_task_gradient_on_competition_step():

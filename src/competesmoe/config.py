@@ -255,8 +255,11 @@ class CompetitionConfig(Config):
     beta: float = 0.005             # weight of L_div in Eq. (5)
     detach_router_off_competition: bool = False  # router gets no task gradient after warm-up
     competition_forward: bool = True  # False: output uses the router even on competition steps
-    router_diversity: bool = False    # β·L_div on the router's own top-K every training step, any router
+    router_diversity: bool = False    # β·L_div on the router's own top-K, any router without competition
                                       # (Table 7's "diversity loss without competition" with router smoe)
+    router_diversity_steps: str = "scheduled"  # "scheduled": only where the schedule Λ fires (ω of the steps
+                                      # after warm-up, the dose of the released ablation; the paper is
+                                      # silent); "all": every training step (this library's former reading)
     chunk_tokens: int | None = None   # tokens per chunk of the all-expert pass (None: automatic)
     recompute_winners: bool = True    # backward recomputes the winners' outputs (one more sparse forward)
                                       # instead of keeping [T, K, D] per competing layer
@@ -265,6 +268,7 @@ class CompetitionConfig(Config):
     def validate(self) -> None:
         check_choice("kappa", self.kappa, KAPPAS)
         check_choice("distill", self.distill, ("paper", "reference"))
+        check_choice("router_diversity_steps", self.router_diversity_steps, ("scheduled", "all"))
         for name in ("alpha", "gamma", "beta"):
             check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         check(self.chunk_tokens is None or self.chunk_tokens >= 1,

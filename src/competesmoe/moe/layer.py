@@ -100,8 +100,8 @@ class MoE(nn.Module):
             idx_TK, w_TK = routing.idx_TK, routing.w_TK
             if cfg.competition.detach_router_off_competition and self.training and self._past_warmup():
                 w_TK = w_TK.detach()  # Eq. (5) read literally: the router learns from the competition only
-            if cfg.competition.router_diversity and self.training:
-                # Table 7 "CM ✗, DL ✓": Eq. (3) on the router's own top-K, every training step
+            if self._router_diversity_step():
+                # Table 7 "CM ✗, DL ✓": Eq. (3) on the router's own top-K, on the scheduled steps
                 out_TKD = self.experts(x_TD, idx_TK)
                 y_TD = Experts.combine(out_TKD, w_TK)
                 l_div = comp.diversity_loss(out_TKD)
@@ -192,6 +192,17 @@ class MoE(nn.Module):
         per_token = self.cfg.n_routed * max(self.cfg.d_model, self.experts.w1.shape[1])
         budget = _AUTO_CHUNK_ELEMENTS.get(x_TD.device.type, _AUTO_CHUNK_DEFAULT)
         return max(_AUTO_CHUNK_MIN_TOKENS, budget // per_token)
+
+    def _router_diversity_step(self) -> bool:
+        """Table 7's diversity-without-competition dose: on the steps where the competition schedule Λ
+        fires for this layer (ω of the steps after warm-up, as the authors' released ablation does; the
+        paper does not say), or every training step with `router_diversity_steps="all"`."""
+        cc = self.cfg.competition
+        if not (cc.router_diversity and self.training):
+            return False
+        if cc.router_diversity_steps == "all":
+            return True
+        return self.schedule is not None and self.schedule.competes(self.layer_index)
 
     def _past_warmup(self) -> bool:
         return self.schedule is None or self.schedule.past_warmup

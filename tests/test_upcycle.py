@@ -22,7 +22,7 @@ from competesmoe.cli import main as cli_main
 from competesmoe.model.transformer import ModelConfig, MoETransformer
 from competesmoe.model.upcycle import (ROUTER_STD, UpcycleConfig, UpcycleError, UpcycledMLP, decoder_layers, is_upcycled,
                                        upcycle, upcycle_transformer)
-from competesmoe.model.upcycle_cli import load_dense_hf
+from competesmoe.train.loading import load_dense_hf
 
 hf_logging.set_verbosity_error()
 
@@ -364,3 +364,30 @@ def test_upcycled_layers_take_the_model_dtype(dense_folders):
     with torch.no_grad():   # the routing weights sum to 1 only up to bf16 rounding: one bf16 ulp at |logit| < 1
         ref = dense(x).logits.float()
         assert ref.abs().max() < 1 and (moe(x).logits.float() - ref).abs().max() <= 2 ** -8
+
+
+def _tied(model) -> bool:
+    return model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("tied", [True, False])
+def test_round_trip_from_a_folder_tied_and_untied(family, tied, tmp_path):
+    """save dense -> load -> upcycle -> save -> reload: every weight found (an untied head too), logits exact."""
+    cfg = family_config(family)
+    cfg.tie_word_embeddings = tied
+    torch.manual_seed(3)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "dense")
+    dense = load_dense_hf(tmp_path / "dense").eval()
+    assert _tied(dense) == tied
+    moe = upcycle(load_dense_hf(tmp_path / "dense"), router="competesmoe").eval()
+    moe.save_pretrained(tmp_path / "moe")
+    back, info = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", output_loading_info=True)
+    back.eval()
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert _tied(back) == tied
+    assert torch.equal(back.get_output_embeddings().weight, dense.get_output_embeddings().weight)
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, moe(x).logits)
+        assert (back(x).logits - dense(x).logits).abs().max() < 1e-5

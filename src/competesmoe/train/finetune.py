@@ -31,6 +31,7 @@ from ..moe import moe_layers
 from ..model.transformer import LMOutput
 from ..model.upcycle import UpcycleConfig, UpcycleError, is_upcycled, upcycle, upcycle_transformer
 from .config import RunConfig, TrainConfig
+from .loading import is_competesmoe_source, load_competesmoe, load_dense_hf
 
 STRUCTURE = ("experts", "top_k", "router", "layers", "router_opts")  # what an upcycled model has fixed
 
@@ -124,7 +125,6 @@ def _drop_tied(module: nn.Module, state: dict, prefix: str, local_metadata: Any)
 # --- building the run ---------------------------------------------------------------------------------
 def init_spec(init: str) -> dict | None:
     """The upcycling settings an already upcycled `init` was made with (None for a dense model)."""
-    from ..model.upcycle_cli import is_competesmoe_source, load_competesmoe
     path = Path(init) / "config.json"
     if path.is_file():
         cfg = json.loads(path.read_text())
@@ -160,7 +160,6 @@ def _use_settings(model: nn.Module, spec: UpcycleConfig) -> None:
 
 def build(cfg: FinetuneConfig, log: Callable[[str], None] = print):
     """(config to record, model for the Trainer, data or None, writer of the final HF folder)."""
-    from ..model.upcycle_cli import is_competesmoe_source, load_competesmoe, load_dense_hf
     init, spec = cfg.model.init, cfg.spec
     check(init != "", "finetune needs a model to start from (model.init: a folder, run or hub name)")
     check(cfg.data.train != "synthetic", "finetune needs data (data.train: a text or chat file/folder)")

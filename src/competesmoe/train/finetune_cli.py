@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from ..config import apply_overrides
-from ..model.upcycle_cli import add_spec_arguments
+from .upcycle_cli import add_spec_arguments
 from .finetune import FINETUNE_PRESETS, finetune, finetune_preset, init_spec
 
 

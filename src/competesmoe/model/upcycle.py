@@ -293,14 +293,15 @@ class _UpcycledMixin:
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any):
         from .hf import realign_parameters
-        model = super().from_pretrained(*args, **kwargs)
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded   # output_loading_info=True: (model, info)
         realign_parameters(model)  # memory-mapped weights may be unaligned: grouped_mm needs 16-byte alignment
         with torch.no_grad():  # non-persistent buffers (running router loads) are zeros at construction
             for mlp in [m for m in model.modules() if isinstance(m, UpcycledMLP)]:
                 for module in mlp.modules():
                     for name in module._non_persistent_buffers_set:
                         getattr(module, name).zero_()
-        return model
+        return loaded
 
     def forward(self, *args: Any, labels: torch.Tensor | None = None, include_aux_loss: bool | None = None,
                 **kwargs: Any):
@@ -317,6 +318,24 @@ class _UpcycledMixin:
             out["loss"] = out.loss + aux
         out["aux_loss"] = aux
         return out
+
+
+def _inherit_key_mapping(model_cls: type, base_cfg: type, name: str) -> None:
+    """The base's checkpoint key mapping, under the upcycled class's name.
+
+    transformers 5 renames legacy checkpoint keys while loading (LLaVA: `language_model.lm_head.weight` ->
+    `lm_head.weight`, `language_model.model.*` -> `model.language_model.*`, ...) by looking the mapping up
+    under the model's class name, then its `model_type`; a model loaded with such a mapping is saved with
+    the legacy keys again. Our class name and `competesmoe_upcycled` are unknown to that table, so without
+    this an untied LLaVA head saved by an upcycled model would not be found when it is loaded back."""
+    try:
+        from transformers.conversion_mapping import (get_checkpoint_conversion_mapping,
+                                                     register_checkpoint_conversion_mapping)
+    except ImportError:  # a transformers without key mappings loads and saves keys as they are
+        return
+    mapping = get_checkpoint_conversion_mapping(model_cls.__name__) or get_checkpoint_conversion_mapping(base_cfg.model_type)
+    if mapping:
+        register_checkpoint_conversion_mapping(name, mapping, overwrite=True)
 
 
 @functools.cache
@@ -339,6 +358,7 @@ def upcycled_class(model_cls: type) -> type:
     forward.__signature__ = sig.replace(parameters=params)
     new_cls = type(f"Upcycled{model_cls.__name__}", (_UpcycledMixin, model_cls),
                    {"config_class": cfg_cls, "forward": forward, "__module__": __name__})
+    _inherit_key_mapping(model_cls, base_cfg, new_cls.__name__)
     for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
         mapping = auto._model_mapping
         if base_cfg in mapping and mapping[base_cfg] is model_cls:

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..train.metrics import read_metrics, val_points
+from . import stats
 from .report import table
 
 
@@ -128,6 +130,154 @@ def _tokens_per_step(summary: dict) -> float:
     return summary["train_tokens"] / max(1, summary["step"])
 
 
+def parse_effect(text: str | float | None) -> tuple[float, bool] | None:
+    """`--detect`: "0.4%" (relative to the baseline's mean) or "0.5" (absolute PPL). Returns
+    (value, relative) or None."""
+    if text is None or text == "":
+        return None
+    t = str(text).strip()
+    rel = t.endswith("%")
+    try:
+        v = float(t[:-1] if rel else t)
+    except ValueError:
+        from ..config import ConfigError
+        raise ConfigError(f"--detect takes a number or a percentage such as 0.4%, got {text!r}") from None
+    return (v / 100 if rel else v, rel)
+
+
+def _fmt_ci(ci: tuple[float, float] | None, digits: int = 2) -> str:
+    return "–" if ci is None else f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def _val_by_seed(rs: list[dict]) -> dict[int, float]:
+    return {int(r["seed"]): float(r["summary"]["val_ppl"]) for r in rs if r["summary"].get("val_ppl") is not None}
+
+
+def arm_statistics(runs: list[dict], alpha: float = stats.ALPHA) -> dict[str, stats.Summary]:
+    """Validation PPL per arm: mean, std and the (1 − α) t interval over seeds."""
+    return {label: stats.summary(list(_val_by_seed(rs).values()), alpha)
+            for label, rs in _by_label(runs).items() if _val_by_seed(rs)}
+
+
+def significance(runs: list[dict], baseline: str, effect: tuple[float, bool] | None = None,
+                 alpha: float = stats.ALPHA, power: float = stats.POWER) -> list[dict[str, Any]]:
+    """Every arm against `baseline` on validation PPL: difference (arm − baseline; negative = better),
+    its interval and p-value (paired by seed when both arms ran the same seeds, Welch otherwise), the
+    smallest difference this run could detect with `power`, and the seeds per arm needed to detect
+    `effect` (absolute PPL, or relative to the baseline's mean)."""
+    groups = _by_label(runs)
+    if baseline not in groups:
+        from ..config import ConfigError
+        raise ConfigError(f"baseline {baseline!r} is not one of the arms: {', '.join(groups)}")
+    base = _val_by_seed(groups[baseline])
+    base_mean = sum(base.values()) / len(base)
+    rows = []
+    for label, rs in groups.items():
+        if label == baseline:
+            continue
+        arm = _val_by_seed(rs)
+        row: dict[str, Any] = {"arm": label, "baseline": baseline, "baseline_mean": base_mean}
+        if len(arm) < 2 or len(base) < 2:
+            row["verdict"] = "too few seeds (need >= 2 per arm)"
+            rows.append(row)
+            continue
+        d = stats.compare_arms(arm, base, alpha, power)
+        row.update(d.as_dict())
+        row["rel_diff"] = d.diff / base_mean
+        row["rel_ci"] = (d.ci[0] / base_mean, d.ci[1] / base_mean)
+        row["verdict"] = ("not distinguishable" if not d.distinguishable
+                          else ("lower PPL than " if d.diff < 0 else "higher PPL than ") + baseline)
+        if effect is not None:
+            delta = effect[0] * base_mean if effect[1] else effect[0]
+            row["effect"] = delta
+            row["seeds_needed"] = stats.seeds_needed(delta, d.sd, d.test == "paired", alpha, power)
+        rows.append(row)
+    return rows
+
+
+def _portable(value: str) -> str:
+    """An absolute path as a path relative to the working directory (what the user would type), so a
+    committed report names no folder of the machine that made it."""
+    if os.path.isabs(value):
+        try:
+            return os.path.relpath(value)
+        except ValueError:
+            return Path(value).name
+    return value
+
+
+def _portable_override(o: str) -> str:
+    key, eq, value = o.partition("=")
+    return f"{key}={_portable(value)}" if eq else o
+
+
+def interval_plot(path: Path, arm_stats: dict[str, stats.Summary], sig: list[dict[str, Any]],
+                  baseline: str) -> Path:
+    """Left: each arm's validation PPL, mean and 95 % interval (seeds as dots); right: arm − baseline."""
+    from ..plots import pyplot, save
+    plt = pyplot()
+    labels = list(arm_stats)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10.0, 0.9 + 0.45 * len(labels)))
+    for i, label in enumerate(labels):
+        s = arm_stats[label]
+        if s.ci is not None:
+            ax1.errorbar([s.mean], [i], xerr=[[s.mean - s.ci[0]], [s.ci[1] - s.mean]], fmt="o", capsize=3,
+                         color="C0")
+        else:
+            ax1.plot([s.mean], [i], "o", color="C0")
+    ax1.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax1.invert_yaxis()
+    ax1.set(xlabel="validation PPL (mean, 95% CI over seeds)", title="Arms")
+    ax1.grid(alpha=0.3)
+    rows = [r for r in sig if "ci" in r]
+    for i, r in enumerate(rows):
+        ax2.errorbar([r["diff"]], [i], xerr=[[r["diff"] - r["ci"][0]], [r["ci"][1] - r["diff"]]], fmt="o",
+                     capsize=3, color="C1" if r["distinguishable"] else "gray")
+    ax2.axvline(0, color="k", lw=0.8)
+    ax2.set_yticks(range(len(rows)), [r["arm"] for r in rows], fontsize=7)
+    ax2.invert_yaxis()
+    ax2.set(xlabel=f"PPL − {baseline} (95% CI; gray: not distinguishable)", title=f"Against {baseline}")
+    ax2.grid(alpha=0.3)
+    return save(fig, path)
+
+
+def significance_markdown(arm_stats: dict[str, stats.Summary], sig: list[dict[str, Any]], baseline: str,
+                          effect: tuple[float, bool] | None, alpha: float = stats.ALPHA,
+                          power: float = stats.POWER) -> list[str]:
+    level = round(100 * (1 - alpha))
+    md = [f"\n## Statistics (validation PPL, baseline `{baseline}`)\n",
+          f"Per arm: mean, sample std and {level}% t interval of the mean over seeds. Against the baseline: "
+          "difference arm − baseline (negative = lower PPL), its interval and two-sided p-value — paired by "
+          "seed when both arms ran the same seeds (same data order and shared initialisation), Welch's test "
+          f"otherwise; *detectable*: the smallest true difference this design finds with {power:.0%} power "
+          f"at level {alpha} ((t_(1−α/2) + t_(power))·SE)."
+          + (f" *Seeds needed*: per arm, to detect {_effect_text(effect)} with the observed spread." if effect else "")
+          + "\n",
+          table(["Model", "seeds", "mean", "std", f"{level}% CI"],
+                [[k, s.n, f"{s.mean:.2f}", "–" if s.std is None else f"{s.std:.2f}", _fmt_ci(s.ci)]
+                 for k, s in arm_stats.items()]), ""]
+    header = ["Model", "test", "diff", f"{level}% CI", "diff %", "p", "detectable", "verdict"]
+    if effect:
+        header.append(f"seeds for {_effect_text(effect)}")
+    rows = []
+    for r in sig:
+        if "ci" not in r:
+            rows.append([r["arm"]] + ["–"] * 6 + [r["verdict"]] + (["–"] if effect else []))
+            continue
+        row = [r["arm"], r["test"], f"{r['diff']:+.2f}", _fmt_ci(r["ci"]), f"{100 * r['rel_diff']:+.2f}%",
+               f"{r['p']:.3g}", f"{r['detectable']:.2f} ({100 * r['detectable'] / r['baseline_mean']:.1f}%)",
+               r["verdict"]]
+        if effect:
+            row.append("–" if r.get("seeds_needed") is None else r["seeds_needed"])
+        rows.append(row)
+    md.append(table(header, rows))
+    return md
+
+
+def _effect_text(effect: tuple[float, bool]) -> str:
+    return f"{100 * effect[0]:g}%" if effect[1] else f"{effect[0]:g} PPL"
+
+
 def write_compare(runs: list[dict], settings: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     from ..plots import lines
     out = Path(out_dir)
@@ -148,13 +298,21 @@ def write_compare(runs: list[dict], settings: dict[str, Any], out_dir: str | Pat
     header, qrows = quality_rows(runs)
     fmt_row = [[r["Model"], _pm(r["val_ppl_seeds"])] + [r.get(c) for c in header[2:]] for r in qrows]
     n_seeds = len(settings["seeds"])
+    settings = {**settings, "overrides": [_portable_override(o) for o in settings["overrides"]]}
+    baseline = settings.get("baseline") or settings["routers"][0]
+    effect = parse_effect(settings.get("detect"))
+    arm_stats = arm_statistics(runs)
+    sig = significance(runs, baseline, effect) if baseline in arm_stats else []
+    if arm_stats:
+        plots["val_ppl_ci"] = interval_plot(out / "val_ppl_ci.png", arm_stats, sig, baseline)
     md = [f"# Router comparison ({settings['preset']} preset)\n",
           f"Routers: {', '.join(settings['routers'])}; seeds {settings['seeds']}; overrides: "
           f"`{' '.join(settings['overrides']) or '(none)'}`.\n",
           f"## Quality\n\nValidation PPL: mean ± std over {n_seeds} seed(s). Zero-shot columns "
           f"(if any): mean over seeds, accuracies in %. Avg. rank over every column (1 = best).\n",
-          table(header, fmt_row),
-          "\n## Complexity\n",
+          table(header, fmt_row)]
+    md += significance_markdown(arm_stats, sig, baseline, effect) if arm_stats else []
+    md += ["\n## Complexity\n",
           table(["Model", "params", "active", "train tokens", "train wall-clock (s)", "train tok/s (median)",
                  "inference tok/s"], complexity_rows(runs))]
     rrows = routing_rows(runs)
@@ -168,11 +326,22 @@ def write_compare(runs: list[dict], settings: dict[str, Any], out_dir: str | Pat
                       "PPL", "shifted PPL"], rrows)]
     md += ["\n## Curves\n"] + [f"![{k}]({p.name})" for k, p in plots.items()]
     md += ["\n## Runs\n", table(["Model", "seed", "folder", "val PPL", "resumed"],
-                                [[r["label"], r["seed"], r["dir"], r["summary"]["val_ppl"],
+                                [[r["label"], r["seed"], _rel_dir(r["dir"], out), r["summary"]["val_ppl"],
                                   r["summary"].get("resumed")] for r in runs])]
     paths = {"markdown": out / "compare.md", "json": out / "compare.json", **plots}
     paths["markdown"].write_text("\n".join(md) + "\n")
-    paths["json"].write_text(json.dumps({"settings": settings, "quality": [{k: v for k, v in r.items()}
-                                                                          for r in qrows],
-                                         "runs": runs}, indent=1, default=str) + "\n")
+    portable_runs = [{**r, "dir": _rel_dir(r["dir"], out)} for r in runs]
+    paths["json"].write_text(json.dumps({"settings": {**settings, "baseline": baseline},
+                                         "quality": [{k: v for k, v in r.items()} for r in qrows],
+                                         "arms": {k: v.as_dict() for k, v in arm_stats.items()},
+                                         "significance": sig, "runs": portable_runs},
+                                        indent=1, default=str) + "\n")
     return paths
+
+
+def _rel_dir(run_dir: str | Path, out: Path) -> str:
+    """A run folder relative to the comparison's folder (portable across machines)."""
+    try:
+        return str(Path(os.path.abspath(run_dir)).relative_to(os.path.abspath(out)))
+    except ValueError:
+        return _portable(str(run_dir))

@@ -92,6 +92,32 @@ def test_model_init_by_module_type():
     assert torch.equal(blk.ln1.weight, torch.ones(32))
 
 
+def test_moeut_init_follows_the_moeut_reference():
+    """init=moeut (Appendix I.2 -> MoEUT's reset_parameters): stds computed here from L, d_model, heads,
+    N·d_expert; router rows of equal norm with the overall std kept; untied head = nn.Linear default."""
+    import math
+    from competesmoe.config import apply_overrides
+    model = tiny_lm("smoe", init="moeut", tie_embeddings=False)
+    cfg = model.cfg
+    L, d = cfg.n_layers, cfg.d_model
+    s = math.sqrt(2 / L)
+    blk = model.blocks[1]
+    n, h = cfg.moe.n_experts, cfg.moe.d_expert
+    for w, std in ((model.embed.weight, 1 / math.sqrt(d)), (blk.attn.qkv.weight, s / math.sqrt(d)),
+                   (blk.attn.out.weight, s / math.sqrt(cfg.n_heads * cfg.head_dim)),
+                   (blk.moe.experts.w1, s / math.sqrt(d)), (blk.moe.experts.w2, s / math.sqrt(n * h)),
+                   (blk.moe.router.gate.weight, s / math.sqrt(d))):
+        torch.testing.assert_close(w.std().item(), std, rtol=0.12, atol=0)
+    norms = blk.moe.router.gate.weight.norm(dim=1)
+    torch.testing.assert_close(norms, norms.new_full(norms.shape, float(norms[0])), rtol=1e-5, atol=0)
+    bound = 1 / math.sqrt(d)                                  # nn.Linear default: U(-1/sqrt(d), 1/sqrt(d))
+    assert model.head.weight.abs().max() <= bound and model.head.weight.std() > 0.5 * bound / math.sqrt(3)
+    gpt2 = MoETransformer(tiny_lm("smoe").cfg)
+    assert gpt2.cfg.init == "gpt2" and abs(gpt2.embed.weight.std().item() - 0.02) < 0.003
+    with pytest.raises(Exception):
+        apply_overrides(tiny_lm("smoe").cfg, {"init": "xavier"})
+
+
 def test_paper_preset_has_the_papers_parameter_count():
     """Table 12: 151 M parameters (MoEUT's 8k vocabulary, tied embeddings)."""
     cfg = preset("paper-151m")

@@ -36,6 +36,8 @@ class ModelConfig(Config):
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
     aux_reduction: str = "sum"      # how the layers' aux losses combine: "sum" (Eq. (5) per layer) or "mean"
+    init: str = "gpt2"              # "gpt2": N(0, 0.02), residual writers 0.02/sqrt(2L); "moeut": the MoEUT
+                                    # framework's init, which Appendix I.2 says the LM uses (`reset_parameters`)
     dense: bool = False             # a dense FFN of the MoE's active width (K·d_expert) in every block
     moe: MoEConfig = field(default_factory=lambda: MoEConfig(d_model=128, d_expert=64, n_experts=16, top_k=4))
 
@@ -60,6 +62,7 @@ class ModelConfig(Config):
         check(self.head_dim % 2 == 0, f"head dim must be even for rotary embeddings, got {self.head_dim}")
         check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         check_choice("aux_reduction", self.aux_reduction, ("sum", "mean"))
+        check_choice("init", self.init, ("gpt2", "moeut"))
         check(self.moe.d_model == self.d_model,
               f"moe.d_model={self.moe.d_model} must equal d_model={self.d_model}")
 
@@ -177,9 +180,13 @@ class MoETransformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """GPT-2 style for the model's own weights: N(0, 0.02), and the projections that write into the
-        residual stream (attention output, every expert's W2) N(0, 0.02/sqrt(2L)). Chosen by module type;
-        routers keep the init of their own `reset_parameters` (e.g. XMoE's expert embeddings)."""
+        """`init="gpt2"` (default): GPT-2 style for the model's own weights: N(0, 0.02), and the projections
+        that write into the residual stream (attention output, every expert's W2) N(0, 0.02/sqrt(2L)).
+        Chosen by module type; routers keep the init of their own `reset_parameters` (e.g. XMoE's expert
+        embeddings). `init="moeut"`: see `_reset_moeut`."""
+        if self.cfg.init == "moeut":
+            self._reset_moeut()
+            return
         std, res_std = 0.02, 0.02 / math.sqrt(2 * self.cfg.n_layers)
         for m in self.modules():
             if isinstance(m, nn.Embedding):
@@ -195,6 +202,46 @@ class MoETransformer(nn.Module):
                 m.reset_parameters()
         if not self.cfg.tie_embeddings:
             nn.init.normal_(self.head.weight, 0.0, std)
+
+    @torch.no_grad()
+    def _reset_moeut(self) -> None:
+        """The MoEUT framework's initialisation (Appendix I.2: "Model weights are initialized according to
+        the MoEUT framework"), as in its reference implementation (RobertCsordas/moeut, moeut/moeut.py:
+        `MoEUT.reset_parameters`, `SigmaMoE.reset_parameters`, `SwitchHeadCore.reset_parameters`,
+        `MoEUTLM.reset_parameters`), mapped onto this model's modules. With s = sqrt(2 / L):
+
+        - embedding: N(0, 1/sqrt(d_model)) (`kaiming_normal_`, fan-in, linear); an untied head keeps
+          nn.Linear's default init (MoEUT's `lm_head` is a plain nn.Linear);
+        - attention q, k, v: N(0, s/sqrt(d_model)); output: N(0, s/sqrt(heads·d_head));
+        - experts' W1: N(0, s/sqrt(d_model)); W2: N(0, s/sqrt(n·d_expert)) with n·d_expert the whole
+          layer's hidden width (σ-MoE's `values`: fan-in of all experts together);
+        - the router's linear map (`gate`, σ-MoE's `expert_sel`): N(0, s/sqrt(d_model)), then every expert's
+          row scaled to the same norm with the overall std kept (`renorm_keep_std`); routers without a
+          `gate` (xmoe, pcosine) keep their own init; biases 0; LayerNorms 1 and 0.
+        MoEUT's own attention is SwitchHead; here it is dense attention with the same std per projection."""
+        s = math.sqrt(2 / self.cfg.n_layers)
+        d = self.cfg.d_model
+        for m in self.modules():
+            if isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, 0.0, 1 / math.sqrt(d))
+            elif isinstance(m, Attention):
+                nn.init.normal_(m.qkv.weight, 0.0, s / math.sqrt(d))
+                nn.init.normal_(m.out.weight, 0.0, s / math.sqrt(m.out.weight.shape[1]))
+            elif isinstance(m, Experts):  # routed and shared experts
+                m.reset_parameters()      # biases
+                nn.init.normal_(m.w1, 0.0, s / math.sqrt(d))
+                nn.init.normal_(m.w2, 0.0, s / math.sqrt(m.w2.shape[0] * m.w2.shape[2]))
+            elif isinstance(m, nn.LayerNorm):
+                m.reset_parameters()
+            elif isinstance(getattr(m, "gate", None), nn.Linear) and m.gate.weight.shape[1] == d:
+                w = m.gate.weight
+                nn.init.normal_(w, 0.0, s / math.sqrt(d))
+                std = w.std()
+                w.div_(w.norm(dim=1, keepdim=True)).mul_(std / w.std())
+                if m.gate.bias is not None:
+                    nn.init.zeros_(m.gate.bias)
+        if not self.cfg.tie_embeddings:
+            self.head.reset_parameters()
 
     def num_parameters(self, active: bool = False) -> int:
         total = sum(p.numel() for p in self.parameters())

@@ -33,35 +33,47 @@ def act(name: str, h: torch.Tensor) -> torch.Tensor:
         return torch.clamp(h, min=0)
     if name == "gelu":
         return 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
+    if name == "gelu_tanh":
+        return 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3)))
     if name == "silu":
         return h / (1 + torch.exp(-h))
+    if name == "quick_gelu":
+        return h / (1 + torch.exp(-1.702 * h))
+    if name == "tanh":
+        return (torch.exp(h) - torch.exp(-h)) / (torch.exp(h) + torch.exp(-h))
     raise ValueError(name)
 
 
-def expert_out(experts, e: int, x_D: torch.Tensor) -> torch.Tensor:
-    """g_e(x) for one token, from the stacked weights."""
+# Gated activations: name -> the gate's activation (φ(gate) ⊙ up).
+GATED = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
+
+
+def expert_out(experts, e: int, x_D: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+    """g_e(x) for one token, from the stacked weights; `activation` names φ (default: the experts' own name)."""
+    activation = activation or experts.activation
     h = experts.w1[e] @ x_D                      # w1: [N, H_in, D] (out, in)
     if experts.b1 is not None:
         h = h + experts.b1[e]
-    if experts.activation == "swiglu":
+    if activation in GATED:
         H = experts.d_expert
         gate, up = h[:H], h[H:]
-        h = act("silu", gate) * up
+        h = act(GATED[activation], gate) * up
     else:
-        h = act(experts.activation, h)
-    out = experts.w2[e] @ h                      # w2: [N, D, H]
+        h = act(activation, h)
+    out = experts.w2[e] @ h                      # w2: [N, O, H]
     if experts.b2 is not None:
         out = out + experts.b2[e]
     return out
 
 
-def sparse_moe(experts, x_TD, idx_TK, w_TK) -> torch.Tensor:
+def sparse_moe(experts, x_TD, idx_TK, w_TK, activation: str | None = None) -> torch.Tensor:
+    """y_t = Σ_k w_tk g_{idx_tk}(x_t), token by token ([T, O])."""
     T, K = idx_TK.shape
     rows = []
     for t in range(T):
-        acc = torch.zeros_like(x_TD[t])
+        acc = x_TD.new_zeros(experts.w2.shape[1])
         for k in range(K):
-            acc = acc + w_TK[t, k] * expert_out(experts, int(idx_TK[t, k]), x_TD[t])
+            acc = acc + w_TK[t, k] * expert_out(experts, int(idx_TK[t, k]), x_TD[t], activation)
         rows.append(acc)
     return torch.stack(rows)
 

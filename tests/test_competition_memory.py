@@ -10,7 +10,7 @@ import torch
 
 from competesmoe import MoE, MoEConfig
 from competesmoe.moe import competition as comp
-from competesmoe.moe import rowwise as rowwise_mod
+from competesmoe.moe.kernels import plan as plan_mod
 from competesmoe.moe.experts import Experts
 
 import reference as ref
@@ -94,7 +94,7 @@ def _naive_affinity(out_TKD, kappa, lse_TD=None):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kappa", ["softplus", "silu", "sigmoid", "relu", "norm", "softmax"])
 def test_blockwise_affinity_matches_naive_values_and_gradients(monkeypatch, dtype, kappa):
-    monkeypatch.setitem(rowwise_mod._BLOCK_ELEMENTS, "cpu", 2 * 3 * 5)    # blocks of 2 tokens (K 3, D 5), 11 tokens
+    monkeypatch.setitem(plan_mod._BLOCK_ELEMENTS, "cpu", 2 * 3 * 5)    # blocks of 2 tokens (K 3, D 5), 11 tokens
     out = torch.randn(11, 3, 5).to(dtype).requires_grad_()
     lse = torch.randn(11, 1, 5) if kappa == "softmax" else None
     g = torch.randn(11, 3)
@@ -111,7 +111,7 @@ def test_blockwise_affinity_matches_naive_values_and_gradients(monkeypatch, dtyp
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_blockwise_diversity_matches_naive_values_and_gradients(monkeypatch, dtype):
-    monkeypatch.setitem(rowwise_mod._BLOCK_ELEMENTS, "cpu", 3 * 4 * 6)    # blocks of 3 tokens, 10 tokens
+    monkeypatch.setitem(plan_mod._BLOCK_ELEMENTS, "cpu", 3 * 4 * 6)    # blocks of 3 tokens, 10 tokens
     out = torch.randn(10, 4, 6)
     out[4, 2] = 0.0                                                 # a zero output: similarity 0
     out = out.to(dtype).requires_grad_()
@@ -135,14 +135,14 @@ def test_blockwise_diversity_matches_naive_values_and_gradients(monkeypatch, dty
     keep[4, 2] = False
     torch.testing.assert_close(out.grad.double() * keep, o64.grad.to(dtype).double() * keep,
                                rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-6)
-    monkeypatch.setitem(rowwise_mod._BLOCK_ELEMENTS, "cpu", 1 << 20)
+    monkeypatch.setitem(plan_mod._BLOCK_ELEMENTS, "cpu", 1 << 20)
     whole = out.detach().requires_grad_()
     comp.diversity_loss(whole).backward()
     torch.testing.assert_close(out.grad, whole.grad, rtol=0, atol=0)
 
 
 def test_blockwise_gradcheck_float64(monkeypatch):
-    monkeypatch.setitem(rowwise_mod._BLOCK_ELEMENTS, "cpu", 2 * 3 * 4)
+    monkeypatch.setitem(plan_mod._BLOCK_ELEMENTS, "cpu", 2 * 3 * 4)
     out = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda o: comp.affinity(o, "softplus"), (out,))
     assert torch.autograd.gradcheck(comp.diversity_loss, (out,))
@@ -157,7 +157,7 @@ def test_rowwise_refuses_constants_that_need_a_gradient():
 @pytest.mark.parametrize("kappa", ["softplus", "relu", "norm", "softmax"])
 def test_winners_outputs_equal_the_separate_functions(monkeypatch, dtype, kappa):
     """One block-wise pass = Experts.combine(out, winner_weights(affinity(out))) and diversity_loss(out)."""
-    monkeypatch.setitem(rowwise_mod._BLOCK_ELEMENTS, "cpu", 2 * 3 * 5)    # blocks of 2 tokens
+    monkeypatch.setitem(plan_mod._BLOCK_ELEMENTS, "cpu", 2 * 3 * 5)    # blocks of 2 tokens
     out = torch.randn(9, 3, 5).to(dtype)
     lse = torch.randn(9, 5) if kappa == "softmax" else None
     g_y, g_s = torch.randn(9, 5), torch.randn(9, 3)

@@ -19,8 +19,10 @@ from competesmoe.moe.kernels import triton_moe as tm
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
-# (T, D, H, N, K): uneven sizes (masks), K = 1, and experts that receive no token (N > T·K).
-SHAPES = [(7, 24, 20, 4, 2), (5, 16, 16, 3, 1), (3, 16, 12, 9, 2)]
+# (T, D, H, N, K): uneven sizes (masks), K = 1, experts that receive no token (N > T·K), and (last) ≥ 3 row
+# blocks per expert and several column blocks at odd, non-power-of-two sizes (the interpreter's blocks are
+# 16 wide: ~50 pairs per expert, D 40, H 24), so the kernels' outer loops run as they would on a GPU.
+SHAPES = [(7, 24, 20, 4, 2), (5, 16, 16, 3, 1), (3, 16, 12, 9, 2), (75, 40, 24, 3, 2)]
 
 
 def _experts(n, d, h, activation, bias):
@@ -50,7 +52,7 @@ def _check(shape, activation, bias, dtype, weighted):
     leaves = {"x": x, "w1": ex.w1, "w2": ex.w2, "b1": ex.b1, "b2": ex.b2, "w": w}
     low = {k: None if v is None else v.detach().to(dtype).requires_grad_() for k, v in leaves.items()}
     hi = {k: None if v is None else v.detach().to(dtype).double().requires_grad_() for k, v in leaves.items()}
-    got = tm.fused_experts(low["x"], low["w1"], low["b1"], low["w2"], low["b2"], idx, ex._act, low["w"])
+    got = tm.fused_experts(low["x"], low["w1"], low["b1"], low["w2"], low["b2"], idx, ex.act.key, low["w"])
     ref_ex = _experts(N, D, H, activation, bias).double()
     for name in ("w1", "w2", "b1", "b2"):
         if hi[name] is not None:
@@ -81,6 +83,57 @@ def test_fused_dispatch_matches_naive_loop(activation, bias, dtype, weighted):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_fused_dispatch_shapes(shape, dtype):
     _check(shape, "relu", True, dtype, weighted=True)
+
+
+def test_several_blocks_per_expert_actually_run():
+    """The multi-block shape gives every expert ≥ 3 row blocks (else the test above proves less)."""
+    T, D, H, N, K = SHAPES[-1]
+    torch.manual_seed(0)
+    idx = torch.stack([torch.randperm(N)[:K] for _ in range(T)])
+    r = tm.Routing(idx, N, tm.block_sizes(torch.float32)[0])
+    per_expert = torch.bincount(r.blk_e[r.blk_e >= 0].long(), minlength=N)
+    assert per_expert.min() >= 3 and D > tm.block_sizes(torch.float32)[1] * 2
+
+
+def test_non_contiguous_bias():
+    """A bias that is a strided view (e.g. every other row of a bigger tensor) is read through its strides."""
+    T, D, H, N, K = 9, 16, 16, 3, 2
+    ex = _experts(N, D, H, "gelu", True)
+    x, idx, w = torch.randn(T, D, device=DEV), torch.randint(0, N, (T, K), device=DEV), torch.rand(T, K, device=DEV)
+    b1 = torch.randn(N, 2 * H, device=DEV)[:, ::2]                # column stride 2
+    b2 = torch.randn(2 * N, D, device=DEV)[::2]                   # row stride 2·D
+    assert not b1.is_contiguous() and not b2.is_contiguous()
+    got = tm.fused_experts(x, ex.w1.detach(), b1, ex.w2.detach(), b2, idx, ex.act.key, w)
+    want = tm.fused_experts(x, ex.w1.detach(), b1.contiguous(), ex.w2.detach(), b2.contiguous(), idx, ex.act.key, w)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    ex.b1.data, ex.b2.data = b1.contiguous(), b2.contiguous()
+    torch.testing.assert_close(got, _naive(ex.double(), x.double(), idx, w.double()).float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not tm.available(torch.device(DEV)), reason="needs CUDA or the Triton interpreter")
+def test_offsets_are_64_bit():
+    """Every offset goes through `_at`: an expert index times a per-expert stride past 2³¹ (64 experts ×
+    14336 × 4096 elements of W2's gradient) must not wrap. Checked on the helper itself (allocating 2³¹
+    elements is not possible here), and every kernel's pointer arithmetic is required to use it."""
+    import inspect
+    import re
+
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(e_ptr, out_ptr, stride):
+        e = tl.load(e_ptr + tl.arange(0, 4))
+        tl.store(out_ptr + tl.arange(0, 4), tm._at(e, stride))
+    e = torch.tensor([0, 1, 63, 2**20], dtype=torch.int32, device=DEV)
+    out = torch.empty(4, dtype=torch.int64, device=DEV)
+    stride = 14336 * 4096
+    probe[(1,)](e, out, stride)
+    assert out.tolist() == [int(v) * stride for v in e.tolist()]
+    for kernel in (tm._gmm_kernel, tm._outer_kernel):
+        src = inspect.getsource(kernel.fn)
+        products = re.findall(r"\w+\s*\*\s*s_\w+", src)             # index * stride written without _at
+        assert products == [], f"{kernel.fn.__name__}: {products}"
 
 
 def test_routing_blocks_cover_every_pair_once():
@@ -135,6 +188,7 @@ def test_auto_backend_keeps_the_reference_path_on_cpu(monkeypatch):
 
 
 COMPILE_FOR_H100 = r'''
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -145,7 +199,7 @@ def build(kernel, types, consts):
     consts = {(kernel.arg_names.index(k),): v for k, v in consts.items()}
     triton.compile(ASTSource(fn=kernel, signature=types, constexprs=consts), target=GPUTarget("cuda", 90, 32))
 
-for dt, (bm, bn, bk) in (("bf16", tm._blocks(None)),):     # the training path (fp32 shares the code)
+for dt, (bm, bn, bk) in (("bf16", tm.block_sizes(torch.bfloat16)),):     # the training path (fp32 shares the code)
     p = "*" + dt
     build(tm._gmm_kernel, {"x_ptr": p, "src_ptr": "*i32", "w_ptr": p, "b_ptr": p, "scale_ptr": p, "dst_ptr": "*i32",
                            "out_ptr": p, "blk_e_ptr": "*i32", "blk_start_ptr": "*i32", "blk_end_ptr": "*i32",

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import reference as ref
 from competesmoe import MoEConfig
-from competesmoe.model import loss as loss_mod
+from competesmoe.moe.kernels import plan as plan_mod
 from competesmoe.model.loss import lm_cross_entropy
 from competesmoe.model.transformer import Attention, ModelConfig, MoETransformer
 from competesmoe.train import Trainer
@@ -19,7 +19,7 @@ from competesmoe.train import Trainer
 # --- the LM loss ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_blockwise_cross_entropy_equals_float32_reference(monkeypatch, dtype):
-    monkeypatch.setitem(loss_mod._BLOCK_ELEMENTS, "cpu", 3 * 50)          # blocks of 3 rows, 13 rows
+    monkeypatch.setitem(plan_mod._BLOCK_ELEMENTS, "cpu", 3 * 50)          # blocks of 3 rows, 13 rows
     logits = (3 * torch.randn(13, 50)).to(dtype).requires_grad_()
     targets = torch.randint(0, 50, (13,))
     targets[[2, 7]] = -100                                                # ignored rows

@@ -1,6 +1,8 @@
 """The MoE layer against the naive references in tests/reference.py."""
 import itertools
 
+import math
+
 import pytest
 import torch
 
@@ -69,15 +71,20 @@ def test_auto_backend_resolution(monkeypatch):
     E = Experts(4, 16, 8, "gelu")
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     many = E.LOOP_MIN_PAIRS * 4
-    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    for dtype in (torch.float32, torch.float64):
         assert E.path(cpu, dtype) == E.path(cpu, dtype, many) == "loop"
+    assert E.path(cpu, torch.bfloat16) == E.path(cpu, torch.bfloat16, many) == "grouped_mm"   # loop not faster in bf16
     assert E.path(cpu, torch.float32, many - 1) == E.path(cpu, torch.bfloat16, 8) == "grouped_mm"
     assert E.path(cpu, torch.float64, 8) == "loop"                    # grouped_mm takes fp32/bf16 only
+    # CUDA: grouped_mm (measured on GPUs); Triton only when asked for, until measured there
+    assert E.path(cuda, torch.bfloat16) == E.path(cuda, torch.bfloat16, many) == "grouped_mm"
+    assert E.path(cuda, torch.float32) == "loop"                   # CUDA's grouped_mm takes bf16 only
+    E.backend = "triton"
     if experts_mod.triton_moe is not None:
         assert E.path(cuda, torch.bfloat16) == E.path(cuda, torch.float32, 8) == "triton"
     monkeypatch.setattr(experts_mod, "triton_moe", None)          # CUDA without Triton
-    assert E.path(cuda, torch.bfloat16) == E.path(cuda, torch.bfloat16, many) == "grouped_mm"
-    assert E.path(cuda, torch.float32) == "loop"                   # CUDA's grouped_mm takes bf16 only
+    with pytest.raises(RuntimeError, match="Triton is not installed"):
+        E.path(cuda, torch.bfloat16)
     E.backend = "grouped_mm"
     assert E.path(cpu, torch.float32, many) == "grouped_mm"
     with pytest.raises(RuntimeError, match="16-byte"):
@@ -285,6 +292,36 @@ def test_competition_aux_loss_is_gamma_distill_plus_beta_diversity(distill):
     l_div = ref.diversity_reference(outs)
     assert out.aux_loss.item() == pytest.approx(0.3 * l_d + 0.2 * l_div, rel=1e-4)
     assert out.stats["distill"].item() == pytest.approx(l_d, rel=1e-4)
+
+
+def test_distill_target_topk_uses_the_routers_sparse_policy():
+    """distill_target=topk: Eq. (2) with s_R = softmax(TopK_{-inf}(h)) (Section 2.1): the router's top-K
+    softmax weights at its top-K, 0 elsewhere; only the router's top-K logits get a gradient."""
+    moe = _competesmoe(distill_target="topk", gamma=1.0, beta=0.0, alpha=0.5)
+    x = torch.randn(10, 8)
+    out = moe(x, compete=True)
+    winners, weights, _, _ = ref.competition_reference(moe.experts, x, 2, "softplus", 1e-6)
+    h = out.router_logits.detach().double()
+    total = 0.0
+    for t in range(10):
+        top = sorted(range(6), key=lambda i: -float(h[t, i]))[:2]
+        z = [math.exp(float(h[t, i])) for i in top]
+        s_r = [0.0] * 6
+        for i, zi in zip(top, z):
+            s_r[i] = zi / sum(z)
+        s_c = [0.0] * 6
+        for j, w in zip(winners[t], weights[t]):
+            s_c[j] = float(w)
+        total += sum((a - b) ** 2 for a, b in zip(s_r, s_c)) / 6 + 0.5 / 2 * sum((s_c[j] - s_r[j]) ** 2
+                                                                               for j in winners[t])
+    assert out.stats["distill"].item() == pytest.approx(total / 10, rel=1e-4)
+    g = torch.autograd.grad(out.aux_loss, out.router_logits, retain_graph=True)[0]
+    top_mask = torch.zeros(10, 6, dtype=torch.bool).scatter(-1, out.router_logits.topk(2, -1).indices, True)
+    assert (g[~top_mask] == 0).all() and (g[top_mask] != 0).any()
+    dense = _competesmoe(gamma=1.0, beta=0.0, alpha=0.5)           # default: dense softmax over all N
+    dense.load_state_dict(moe.state_dict())
+    out_d = dense(x, compete=True)
+    assert out_d.stats["distill"].item() != pytest.approx(out.stats["distill"].item(), rel=1e-3)
 
 
 def test_router_diversity_adds_beta_diversity_of_the_routers_top_k_every_step():

@@ -215,7 +215,7 @@ def _revalidate(cfg: Config) -> None:
 # The MoE layer (Sections 2.1-2.3.1, baselines of Section 5.1) and the competition schedule (Section 2.3.2, Appendix C)
 # ------------------------------------------------------------------------------------------------
 ROUTERS = ("smoe", "xmoe", "pcosine", "moeut", "sharede_v2", "sharede_v3", "competesmoe")
-ACTIVATIONS = ("relu", "gelu", "silu", "swiglu")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "quick_gelu", "swiglu", "geglu", "geglu_tanh")  # moe/activations.py
 KAPPAS = ("softplus", "silu", "sigmoid", "relu", "softmax", "norm")
 BALANCE_LOSSES = ("switch", "entropy", "none")
 BACKENDS = ("auto", "grouped_mm", "loop", "triton")
@@ -250,6 +250,8 @@ class CompetitionConfig(Config):
     """The competition mechanism (Section 2.2) and its router losses (Section 2.3.1, Eqs. (2)-(3))."""
     kappa: str = "softplus"         # affinity activation κ (Eq. (13)); "norm" is Eq. (14)
     distill: str = "paper"          # "paper": t = s_C (sparse winners); "reference": t = softmax(a)
+    distill_target: str = "dense"   # the router's side of L_D (Eq. (2)): "dense" = softmax over all N logits
+                                    # (the released code); "topk" = s_R = σ(TopK_{-∞}(h)) as Section 2.1 defines it
     alpha: float = 0.1              # Eq. (2) weight on the winners' squared errors
     gamma: float = 0.01             # weight of L_D in Eq. (5)
     beta: float = 0.005             # weight of L_div in Eq. (5)
@@ -268,6 +270,7 @@ class CompetitionConfig(Config):
     def validate(self) -> None:
         check_choice("kappa", self.kappa, KAPPAS)
         check_choice("distill", self.distill, ("paper", "reference"))
+        check_choice("distill_target", self.distill_target, ("dense", "topk"))
         check_choice("router_diversity_steps", self.router_diversity_steps, ("scheduled", "all"))
         for name in ("alpha", "gamma", "beta"):
             check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
@@ -300,10 +303,15 @@ class MoEConfig(Config):
     activation: str = "gelu"
     bias: bool = False              # expert biases
     router_bias: bool = False       # bias in the router's linear map
-    backend: str = "auto"           # expert dispatch: Triton on CUDA, the loop on CPU (Experts.path)
+    backend: str = "auto"           # expert dispatch (Experts.path): grouped_mm, the loop on CPU in fp32, or triton
+    d_out: int | None = None        # experts' output width (None: d_model); a LLaVA connector maps vision -> text width
     router_opts: RouterConfig = dataclasses.field(default_factory=RouterConfig)
     competition: CompetitionConfig = dataclasses.field(default_factory=CompetitionConfig)
     losses: LossConfig = dataclasses.field(default_factory=LossConfig)
+
+    @property
+    def out_dim(self) -> int:
+        return self.d_model if self.d_out is None else self.d_out
 
     @property
     def n_shared(self) -> int:
@@ -321,6 +329,8 @@ class MoEConfig(Config):
         for name in ("d_model", "d_expert", "n_experts", "top_k"):
             v = getattr(self, name)
             check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be an integer >= 1, got {v!r}")
+        check(self.d_out is None or (isinstance(self.d_out, int) and not isinstance(self.d_out, bool) and self.d_out >= 1),
+              f"d_out must be an integer >= 1 or null, got {self.d_out!r}")
         check_choice("router", self.router, ROUTERS)
         check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("backend", self.backend, BACKENDS)

@@ -14,11 +14,6 @@ import torch.nn.functional as F
 
 from ..moe.rowwise import rowwise
 
-# Elements of logits per block: the float32 temporaries of one block are a few times this. Large on
-# accelerators (few launches), cache-sized on CPU.
-_BLOCK_ELEMENTS = {"cpu": 1 << 20}
-_BLOCK_DEFAULT = 1 << 26
-
 
 def lm_cross_entropy(logits_NV: torch.Tensor, targets_N: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Mean cross-entropy over the rows whose target is not `ignore_index` (F.cross_entropy's mean)."""
@@ -29,6 +24,5 @@ def lm_cross_entropy(logits_NV: torch.Tensor, targets_N: torch.Tensor, ignore_in
     def rows(l_bV, t_b):
         return F.cross_entropy(l_bV.float(), t_b, ignore_index=ignore_index, reduction="none")
 
-    block = _BLOCK_ELEMENTS.get(logits_NV.device.type, _BLOCK_DEFAULT)
-    loss_N = rowwise(rows, logits_NV, targets_N, block_elements=block)
+    loss_N = rowwise(rows, logits_NV, targets_N)   # blocks of `block_elements(device)` logits
     return loss_N.sum() / (targets_N != ignore_index).sum()

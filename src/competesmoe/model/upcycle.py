@@ -7,8 +7,12 @@ fine-tuned with the chosen router. Two kinds of dense model are handled:
 * Hugging Face models (`upcycle(model, spec)`): the original architecture is kept and each chosen MLP is
   swapped for an `UpcycledMLP` (a `competesmoe.MoE` behind the family's MLP interface). Families are
   recognised by the MLP's module structure, not by name: `gate_proj`/`up_proj`/`down_proj` (Llama,
-  Mistral, Qwen2/3), fused `gate_up_proj`/`down_proj` (Phi-3), `c_fc`/`c_proj` Conv1D (GPT-2). Only the
-  decoder (`get_decoder()`) is searched, so a LLaVA-style VLM keeps its vision tower and projector.
+  Mistral, Qwen2/3), fused `gate_up_proj`/`down_proj` (Phi-3), `c_fc`/`c_proj` Conv1D (GPT-2).
+  `targets` says which MLPs: "language" (the decoder's, `get_decoder()`), and for a LLaVA-style VLM
+  "vision" (the vision encoder's `fc1`/`fc2` MLPs, CLIP and SigLIP) and "connector" (the two-layer
+  `multi_modal_projector`, each expert a copy of the whole projector, vision width -> text width). The
+  default for a VLM is vision,connector: the paper's 5.1 B model (Table 1, Appendix I.1) upcycles the
+  vision encoder and the connector and keeps the language model dense.
   The model becomes an instance of a subclass of its own class (`Upcycled<Class>`), whose config has
   `model_type="competesmoe_upcycled"` and a `competesmoe` entry; after `import competesmoe`,
   `AutoModelForCausalLM.from_pretrained(OUT)` (`AutoModelForImageTextToText` for a VLM) rebuilds it.
@@ -36,10 +40,12 @@ from torch import nn
 from ..config import (ROUTERS, CompetitionConfig, Config, ConfigError, LossConfig, MoEConfig, RouterConfig, check,
                       check_choice)
 from ..moe import MoE
+from ..moe import activations
 from ..moe.experts import Experts
 from .transformer import MoETransformer
 
 MODEL_TYPE = "competesmoe_upcycled"
+TARGETS = ("vision", "connector", "language")
 ROUTER_STD = 0.02  # Appendix I.1: the router is initialised N(0, 0.02) (GPT-2's init) with seed 42
 
 
@@ -53,7 +59,11 @@ class UpcycleConfig(Config):
     experts: int = 4
     top_k: int = 2
     router: str = "competesmoe"
-    layers: str = "all"             # "all" or comma-separated decoder layer indices, e.g. "0,2,4"
+    layers: str = "all"             # "all" or comma-separated layer indices, e.g. "0,2,4" (of each layered target)
+    # what becomes MoE: "vision" (the vision encoder's MLPs), "connector" (a VLM's projector), "language"
+    # (the decoder's MLPs), comma-separated; "auto": vision,connector for a VLM (Appendix I.1's
+    # co-upcycling, as CuMo/LibMoE), language for a causal LM
+    targets: str = "auto"
     noise: float = 0.0              # std of Gaussian noise on each expert copy, relative to the weight's std
     seed: int = 42                  # router initialisation (and noise)
     router_bias: bool = False
@@ -71,9 +81,21 @@ class UpcycleConfig(Config):
         check_choice("router", self.router, ROUTERS)
         check(self.noise >= 0, f"noise must be >= 0, got {self.noise}")
         self.layer_indices(None)
+        self.target_list()
 
-    def layer_indices(self, n_layers: int | None) -> list[int] | None:
-        """The decoder layers to upcycle (None with `n_layers=None` and "all")."""
+    def target_list(self) -> list[str] | None:
+        """The targets in their fixed order (vision, connector, language); None for "auto"."""
+        text = str(self.targets).replace(" ", "")
+        if text == "auto":
+            return None
+        names = [t for t in text.split(",") if t]
+        bad = [t for t in names if t not in TARGETS]
+        check(bool(names) and not bad, f"targets must be 'auto' or a comma-separated subset of {','.join(TARGETS)}, "
+                                       f"got {self.targets!r}")
+        return [t for t in TARGETS if t in names]
+
+    def layer_indices(self, n_layers: int | None, what: str = "decoder layers") -> list[int] | None:
+        """The layers to upcycle (None with `n_layers=None` and "all")."""
         text = str(self.layers).replace(" ", "")
         if text == "all":
             return None if n_layers is None else list(range(n_layers))
@@ -84,16 +106,18 @@ class UpcycleConfig(Config):
         check(bool(idx), f"layers={self.layers!r} names no layer")
         if n_layers is not None:
             bad = [i for i in idx if not 0 <= i < n_layers]
-            check(not bad, f"layers {bad} out of range: the model has {n_layers} decoder layers (0..{n_layers - 1})")
+            check(not bad, f"layers {bad} out of range: the model has {n_layers} {what} (0..{n_layers - 1})")
         return idx
 
-    def moe_config(self, d_model: int, d_expert: int, activation: str, bias: bool) -> MoEConfig:
+    def moe_config(self, d_model: int, d_expert: int, activation: str, bias: bool, d_out: int | None = None) -> MoEConfig:
         opts = self.router_opts
         if self.router.startswith("sharede") and opts.shared_mix is None:
             opts = dataclasses.replace(opts, shared_mix=0.5)  # README (shared_mix): the upcycled model equals the dense one
+        widths = {} if d_out is None or d_out == d_model else {"d_out": d_out}   # a connector maps D_in -> D_out
         return MoEConfig(d_model=d_model, d_expert=d_expert, n_experts=self.experts, top_k=self.top_k,
                          router=self.router, activation=activation, bias=bias, router_bias=self.router_bias,
-                         backend=self.backend, router_opts=opts, competition=self.competition, losses=self.losses)
+                         backend=self.backend, router_opts=opts, competition=self.competition, losses=self.losses,
+                         **widths)
 
 
 # --- the dense MLP, read from its module structure ----------------------------------------------------
@@ -111,6 +135,14 @@ class DenseMLP:
     @property
     def width(self) -> int:
         return self.w2.shape[1]
+
+    @property
+    def d_in(self) -> int:
+        return self.w1.shape[1]
+
+    @property
+    def d_out(self) -> int:
+        return self.w2.shape[0]
 
 
 def _act_of(mlp: nn.Module) -> Callable | None:
@@ -160,14 +192,31 @@ def _conv1d(mlp: nn.Module) -> DenseMLP | None:
                     _act_of(mlp), gated=False, dropout=drop if isinstance(drop, nn.Dropout) else None)
 
 
+def _two_linears(first: str, second: str) -> Callable[[nn.Module], DenseMLP | None]:
+    def adapter(mlp: nn.Module) -> DenseMLP | None:
+        found = _linears(mlp, (first, second), nn.Linear)
+        if found is None:
+            return None
+        a, b = found
+        return DenseMLP(a.weight.detach(), None if a.bias is None else a.bias.detach(), b.weight.detach(),
+                        None if b.bias is None else b.bias.detach(), _act_of(mlp), gated=False)
+    adapter.__doc__ = f"{second}(act({first}(x))), nn.Linear"
+    return adapter
+
+
+_fc = _two_linears("fc1", "fc2")                    # CLIP / SigLIP vision encoder MLPs (activation_fn)
+_projector = _two_linears("linear_1", "linear_2")   # LLaVA's multi_modal_projector (act): vision width -> text width
+
 ADAPTERS: tuple[Callable[[nn.Module], DenseMLP | None], ...] = (_gated, _fused, _conv1d)
 EXPECTED = ("gate_proj/up_proj/down_proj nn.Linear (Llama, Mistral, Qwen2/3), gate_up_proj/down_proj nn.Linear "
             "(Phi-3) or c_fc/c_proj Conv1D (GPT-2)")
+VISION_ADAPTERS, VISION_EXPECTED = (_fc,), "fc1/fc2 nn.Linear with activation_fn (CLIP, SigLIP)"
+CONNECTOR_ADAPTERS, CONNECTOR_EXPECTED = (_projector,), "linear_1/linear_2 nn.Linear with act (LLaVA's two-layer MLP)"
 
 
-def read_dense_mlp(mlp: nn.Module, where: str) -> DenseMLP:
+def read_dense_mlp(mlp: nn.Module, where: str, adapters: tuple = ADAPTERS, expected: str = EXPECTED) -> DenseMLP:
     """The dense MLP's weights, or an `UpcycleError` naming what is missing."""
-    for adapter in ADAPTERS:
+    for adapter in adapters:
         dense = adapter(mlp)
         if dense is not None:
             if dense.act is None:
@@ -175,44 +224,67 @@ def read_dense_mlp(mlp: nn.Module, where: str) -> DenseMLP:
                                    f"attribute (act_fn, activation_fn or act)")
             return dense
     children = ", ".join(f"{n}: {type(m).__name__}" for n, m in mlp.named_children()) or "none"
-    raise UpcycleError(f"cannot upcycle {where} ({type(mlp).__name__}): expected {EXPECTED}; it has {children}")
+    raise UpcycleError(f"cannot upcycle {where} ({type(mlp).__name__}): expected {expected}; it has {children}")
+
+
+def _layer_list(root: nn.Module) -> nn.ModuleList | None:
+    for module in root.modules():
+        if isinstance(module, nn.ModuleList) and len(module) and all(hasattr(l, "mlp") for l in module):
+            return module
+    return None
+
+
+def _part(model: nn.Module, name: str) -> nn.Module | None:
+    """The first submodule held under attribute `name` (LLaVA: model.vision_tower, model.multi_modal_projector)."""
+    for module in model.modules():
+        found = getattr(module, name, None)
+        if isinstance(found, nn.Module):
+            return found
+    return None
+
+
+def vision_tower(model: nn.Module) -> nn.Module | None:
+    return _part(model, "vision_tower")
+
+
+def is_vlm(model: nn.Module) -> bool:
+    return vision_tower(model) is not None
+
+
+def vision_layers(model: nn.Module) -> nn.ModuleList:
+    """The vision encoder's layer list: the ModuleList inside `vision_tower` whose layers all have an `mlp`."""
+    tower = vision_tower(model)
+    if tower is None:
+        raise UpcycleError(f"targets vision: {type(model).__name__} has no vision encoder (no `vision_tower` module)")
+    layers = _layer_list(tower)
+    if layers is None:
+        raise UpcycleError(f"targets vision: the vision encoder ({type(tower).__name__}) has no list of layers with an "
+                           f"`mlp` module (expected e.g. vision_model.encoder.layers[i].mlp, as CLIP and SigLIP)")
+    return layers
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder's layer list: the ModuleList inside `get_decoder()` whose layers all have an `mlp`."""
     get = getattr(model, "get_decoder", None)
     decoder = get() if callable(get) else model
-    for module in decoder.modules():
-        if isinstance(module, nn.ModuleList) and len(module) and all(hasattr(l, "mlp") for l in module):
-            return module
+    layers = _layer_list(decoder)
+    if layers is not None:
+        return layers
     raise UpcycleError(f"cannot upcycle {type(model).__name__}: its decoder ({type(decoder).__name__}) has no list of "
                        f"layers with an `mlp` module (expected e.g. model.layers[i].mlp or transformer.h[i].mlp)")
 
 
 # --- the MoE that replaces an MLP --------------------------------------------------------------------
-class ActExperts(Experts):
-    """`Experts` with the dense model's own activation module (GELU-tanh for GPT-2, SiLU for Llama, ...)."""
-
-    def __init__(self, n_experts: int, d_model: int, d_expert: int, act: Callable, gated: bool,
-                 bias: bool, backend: str) -> None:
-        super().__init__(n_experts, d_model, d_expert, "swiglu" if gated else "gelu", bias, backend)
-        self.act_fn = act
-
-    def _act(self, h: torch.Tensor) -> torch.Tensor:
-        if self.gated:
-            gate, up = h.chunk(2, dim=-1)
-            return self.act_fn(gate) * up
-        return self.act_fn(h)
-
-
 class UpcycledMoE(MoE):
-    """An `MoE` whose experts (and shared experts) use the dense model's activation."""
+    """An `MoE` whose experts (and shared experts) use the dense model's own activation module: forward calls
+    it, and every dispatch path takes its derivative from the same `Activation` (`moe.activations.of`)."""
 
     def __init__(self, cfg: MoEConfig, act: Callable, gated: bool) -> None:
         super().__init__(cfg)
-        self.experts = ActExperts(cfg.n_routed, cfg.d_model, cfg.d_expert, act, gated, cfg.bias, cfg.backend)
+        phi = activations.of(act, gated)
+        self.experts = Experts(cfg.n_routed, cfg.d_model, cfg.d_expert, phi, cfg.bias, cfg.backend, cfg.d_out)
         if self.shared is not None:
-            self.shared.inner = ActExperts(1, cfg.d_model, cfg.n_shared * cfg.d_expert, act, gated, cfg.bias, "loop")
+            self.shared.inner = Experts(1, cfg.d_model, cfg.n_shared * cfg.d_expert, phi, cfg.bias, "loop", cfg.d_out)
 
 
 class UpcycledMLP(nn.Module):
@@ -288,7 +360,9 @@ class _UpcycledMixin:
 
     def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
-        swap_mlps(self, UpcycleConfig.from_dict(config.competesmoe["upcycle"]), copy=False)
+        saved = dict(config.competesmoe["upcycle"])
+        saved.setdefault("targets", "language")   # saved before targets existed: the decoder's MLPs only
+        swap_mlps(self, UpcycleConfig.from_dict(saved), copy=False)
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any):
@@ -366,23 +440,61 @@ def upcycled_class(model_cls: type) -> type:
     return new_cls
 
 
-def swap_mlps(model: nn.Module, spec: UpcycleConfig, copy: bool = True) -> list[UpcycledMLP]:
-    """Replace the chosen decoder layers' MLPs by `UpcycledMLP`s (with the dense weights if `copy`)."""
-    layers = decoder_layers(model)
+def resolve_targets(model: nn.Module, spec: UpcycleConfig) -> list[str]:
+    """`spec`'s targets; "auto": vision,connector for a VLM (Appendix I.1, Table 1), language otherwise."""
+    chosen = spec.target_list()
+    if chosen is None:
+        return ["vision", "connector"] if is_vlm(model) else ["language"]
+    return chosen
+
+
+def sites(model: nn.Module, spec: UpcycleConfig, targets: list[str]) -> list[tuple[str, nn.Module, str, DenseMLP]]:
+    """(where, parent, attribute, dense MLP) of every MLP to upcycle, in the router-seeding order:
+    vision layers, connector, decoder layers. Errors name the target and what was found."""
+    found = []
+    if "vision" in targets:
+        layers = vision_layers(model)
+        for i in spec.layer_indices(len(layers), "vision encoder layers"):
+            where = f"vision layer {i} mlp"
+            found.append((where, layers[i], "mlp", read_dense_mlp(layers[i].mlp, where, VISION_ADAPTERS, VISION_EXPECTED)))
+    if "connector" in targets:
+        projector = _part(model, "multi_modal_projector")
+        if projector is None:
+            raise UpcycleError(f"targets connector: {type(model).__name__} has no connector (no `multi_modal_projector` "
+                               f"module, as LLaVA has)")
+        parent = next(m for m in model.modules() if getattr(m, "multi_modal_projector", None) is projector)
+        found.append(("connector", parent, "multi_modal_projector",
+                      read_dense_mlp(projector, "connector", CONNECTOR_ADAPTERS, CONNECTOR_EXPECTED)))
+    if "language" in targets:
+        layers = decoder_layers(model)
+        for i in spec.layer_indices(len(layers)):
+            where = f"decoder layer {i} mlp"
+            found.append((where, layers[i], "mlp", read_dense_mlp(layers[i].mlp, where)))
+    return found
+
+
+def swap_mlps(model: nn.Module, spec: UpcycleConfig, copy: bool = True,
+              targets: list[str] | None = None) -> list[UpcycledMLP]:
+    """Replace the chosen MLPs by `UpcycledMLP`s (with the dense weights if `copy`).
+
+    The MoE layers are built on the dense weights' device, so a model on the meta device stays there
+    (`competesmoe upcycle --dry-run` counts parameters without allocating them)."""
+    targets = resolve_targets(model, spec) if targets is None else targets
     generator = torch.Generator().manual_seed(spec.seed)
     swapped = []
-    for i in spec.layer_indices(len(layers)):
-        where = f"decoder layer {i} mlp"
-        dense = read_dense_mlp(layers[i].mlp, where)
+    for where, parent, attr, dense in sites(model, spec, targets):
         ref = dense.w1
-        cfg = spec.moe_config(ref.shape[1], dense.width, "swiglu" if dense.gated else "gelu", _check_bias(dense, where))
-        moe = UpcycledMoE(cfg, dense.act, dense.gated).to(ref.device)
+        cfg = spec.moe_config(dense.d_in, dense.width, "swiglu" if dense.gated else "gelu", _check_bias(dense, where),
+                              d_out=dense.d_out)
+        with torch.device(ref.device):
+            moe = UpcycledMoE(cfg, dense.act, dense.gated)
         for p in moe.parameters():  # the model's dtype; buffers (load counts, balancing bias) stay float32
             p.data = p.data.to(ref.dtype)
-        if copy:
+        if copy and not ref.is_meta:
             fill_moe(moe, dense, generator, spec.noise)
-        layers[i].mlp = UpcycledMLP(moe, dense.dropout)
-        swapped.append(layers[i].mlp)
+        mlp = UpcycledMLP(moe, dense.dropout)
+        setattr(parent, attr, mlp)
+        swapped.append(mlp)
     return swapped
 
 
@@ -398,7 +510,9 @@ def upcycle(model: nn.Module, spec: UpcycleConfig | None = None, **options: Any)
     if isinstance(model, _UpcycledMixin):
         raise UpcycleError(f"{type(model).__name__} is already upcycled")
     base_cls, base_type = type(model), model.config.model_type
-    swap_mlps(model, spec, copy=True)
+    targets = resolve_targets(model, spec)
+    spec = dataclasses.replace(spec, targets=",".join(targets))   # saved resolved: "auto" could change meaning
+    swap_mlps(model, spec, copy=True, targets=targets)
     cls = upcycled_class(base_cls)
     model.__class__ = cls
     # A shallow copy of the config becomes the upcycled config (the caller's object keeps its class);
@@ -450,6 +564,8 @@ def upcycle_transformer(dense: MoETransformer, spec: UpcycleConfig) -> MoETransf
                            f"upcycle a dense one (train it with --set model.dense=true)")
     if spec.layer_indices(None) is not None:
         raise UpcycleError("layers: a competesmoe MoETransformer upcycles every layer (use layers=all)")
+    if spec.target_list() not in (None, ["language"]):
+        raise UpcycleError(f"targets={spec.targets}: a competesmoe MoETransformer is a language model (targets language)")
     ffn = dense.blocks[0].moe  # the dense FFN: a one-expert MoE
     m = ffn.cfg
     moe_cfg = spec.moe_config(m.d_model, m.d_expert, m.activation, m.bias)
@@ -461,11 +577,11 @@ def upcycle_transformer(dense: MoETransformer, spec: UpcycleConfig) -> MoETransf
     for src, dst in zip(dense.blocks, model.blocks):
         e = src.moe.experts
         w = DenseMLP(e.w1[0].detach(), None if e.b1 is None else e.b1[0].detach(), e.w2[0].detach(),
-                     None if e.b2 is None else e.b2[0].detach(), e._act, gated=e.gated)
+                     None if e.b2 is None else e.b2[0].detach(), e.act.fn, gated=e.gated)
         fill_moe(dst.moe, w, generator, spec.noise)
     return model
 
 
-__all__ = ["UpcycleConfig", "UpcycleError", "UpcycledMLP", "UpcycledMoE", "ActExperts", "DenseMLP", "upcycle",
+__all__ = ["UpcycleConfig", "UpcycleError", "UpcycledMLP", "UpcycledMoE", "DenseMLP", "upcycle",
            "upcycle_transformer", "upcycled_class", "is_upcycled", "read_dense_mlp", "decoder_layers", "fill_moe",
-           "MODEL_TYPE", "ADAPTERS"]
+           "MODEL_TYPE", "ADAPTERS", "TARGETS", "vision_layers", "vision_tower", "is_vlm", "resolve_targets", "sites"]

@@ -112,7 +112,7 @@ class ExpertParallelExperts(Experts):
                              f"got {full.n_experts}")
         n = full.n_experts // E
         with torch.device("meta"):   # no allocation and no random init: the weights are the full ones' slice
-            super().__init__(n, full.d_model, full.d_expert, full.activation, full.b1 is not None, full.backend)
+            super().__init__(n, full.d_model, full.d_expert, full.act, full.b1 is not None, full.backend, full.d_out)
         for name in ("w1", "w2", "b1", "b2"):
             p = getattr(full, name)
             if p is not None:

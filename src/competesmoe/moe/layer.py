@@ -16,23 +16,21 @@ from torch.utils.checkpoint import checkpoint
 from ..config import MoEConfig
 from . import competition as comp
 from .experts import FFN, Experts
+from .kernels.plan import block_elements
 from .losses import entropy_loss, switch_loss, z_loss
 from .routers import build_router
 from .schedule import CompetitionSchedule
 from .stats import agreement
 
-# Element budget of the all-expert buffer [N, chunk, D] on a competition step (automatic chunking).
-# On CPU, small buffers are reused by the allocator and stay in cache: 2^20 elements, but at least 128
-# tokens so each GEMM stays efficient; a competition step of the paper's shape ran 1.25x faster than with
-# one 2^25 buffer (docs/results/competition-chunk-cpu.md). Elsewhere the bigger buffer is fine.
-_AUTO_CHUNK_ELEMENTS = {"cpu": 1 << 20}
-_AUTO_CHUNK_DEFAULT = 1 << 25
+# The all-expert buffer [N, chunk, O] of a competition step holds `block_elements(device)` elements (2^20 on
+# CPU: a competition step of the paper's shape ran 1.25x faster than with one 2^25 buffer,
+# docs/results/competition-chunk-cpu.md), but at least 128 tokens so each GEMM stays efficient.
 _AUTO_CHUNK_MIN_TOKENS = 128
 
 
 @dataclass
 class MoEOutput:
-    y: torch.Tensor                 # [..., D], same shape as the input
+    y: torch.Tensor                 # [..., O]: the input's shape with d_out (= d_model unless set) last
     aux_loss: torch.Tensor          # scalar: every auxiliary loss of this layer, already weighted
     indices: torch.Tensor           # [T, K_routed] realised routing (routed experts only)
     weights: torch.Tensor           # [T, K_routed]
@@ -46,8 +44,9 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.router = build_router(cfg)
-        self.experts = Experts(cfg.n_routed, cfg.d_model, cfg.d_expert, cfg.activation, cfg.bias, cfg.backend)
-        self.shared = (FFN(cfg.d_model, cfg.n_shared * cfg.d_expert, cfg.activation, cfg.bias)
+        self.experts = Experts(cfg.n_routed, cfg.d_model, cfg.d_expert, cfg.activation, cfg.bias, cfg.backend,
+                               d_out=cfg.d_out)
+        self.shared = (FFN(cfg.d_model, cfg.n_shared * cfg.d_expert, cfg.activation, cfg.bias, d_out=cfg.d_out)
                        if cfg.n_shared else None)
         # Set by `attach_schedule`; kept outside the module tree (not parameters, not buffers).
         self.schedule: CompetitionSchedule | None = None
@@ -55,7 +54,7 @@ class MoE(nn.Module):
 
     # --- public helpers ----------------------------------------------------------------------------
     def expert_outputs(self, x: torch.Tensor) -> torch.Tensor:
-        """Every routed expert on every token: [N_routed, T, D] (T = all leading dims flattened)."""
+        """Every routed expert on every token: [N_routed, T, O] (T = all leading dims flattened)."""
         return self.experts.forward_all(x.reshape(-1, self.cfg.d_model))
 
     @torch.no_grad()
@@ -116,7 +115,7 @@ class MoE(nn.Module):
             y_TD = shared_TD + y_TD if mix is None else mix * shared_TD + (1 - mix) * y_TD
 
         aux = aux + self._balance_losses(routing.logits_TN, idx_TK, x.shape, stats)
-        return MoEOutput(y_TD.view(x.shape), aux, idx_TK, w_TK, routing.logits_TN, competed, stats)
+        return MoEOutput(y_TD.view(*x.shape[:-1], cfg.out_dim), aux, idx_TK, w_TK, routing.logits_TN, competed, stats)
 
     def _compete(self, x_TD, routing, stats):
         cc, K = self.cfg.competition, self.cfg.k_routed
@@ -133,7 +132,8 @@ class MoE(nn.Module):
             target_TN = torch.zeros_like(a_TN).scatter_(-1, win_TK, s_TK.detach().to(a_TN.dtype))
         else:  # "reference": the released code distils toward softmax over all affinities
             target_TN = a_TN.softmax(dim=-1)
-        l_distill = comp.distillation_loss(routing.logits_TN, target_TN, win_TK, cc.alpha)  # Eq. (2)
+        router_TK = (routing.idx_TK, routing.w_TK) if cc.distill_target == "topk" else None
+        l_distill = comp.distillation_loss(routing.logits_TN, target_TN, win_TK, cc.alpha, router_TK)  # Eq. (2)
         stats.update(distill=l_distill.detach(), diversity=l_div.detach(), **agreement(routing.idx_TK, win_TK))
         return y_TD, idx_TK, w_TK, cc.gamma * l_distill + cc.beta * l_div
 
@@ -182,16 +182,14 @@ class MoE(nn.Module):
     def _winners_chunk(self, x_TD: torch.Tensor) -> int:
         """Tokens per winners' chunk: [chunk, K, D] within the all-expert pass' element budget, but enough
         pairs per expert to keep the experts' GEMMs efficient."""
-        budget = _AUTO_CHUNK_ELEMENTS.get(x_TD.device.type, _AUTO_CHUNK_DEFAULT)
         K = self.cfg.k_routed
-        return max(1, budget // (K * self.cfg.d_model), Experts.LOOP_MIN_PAIRS * self.cfg.n_routed // K)
+        return max(1, block_elements(x_TD.device) // (K * self.cfg.out_dim), Experts.LOOP_MIN_PAIRS * self.cfg.n_routed // K)
 
     def _chunk(self, x_TD: torch.Tensor) -> int:
         if self.cfg.competition.chunk_tokens is not None:
             return self.cfg.competition.chunk_tokens
-        per_token = self.cfg.n_routed * max(self.cfg.d_model, self.experts.w1.shape[1])
-        budget = _AUTO_CHUNK_ELEMENTS.get(x_TD.device.type, _AUTO_CHUNK_DEFAULT)
-        return max(_AUTO_CHUNK_MIN_TOKENS, budget // per_token)
+        per_token = self.cfg.n_routed * max(self.cfg.d_model, self.cfg.out_dim, self.experts.w1.shape[1])
+        return max(_AUTO_CHUNK_MIN_TOKENS, block_elements(x_TD.device) // per_token)
 
     def _router_diversity_step(self) -> bool:
         """Table 7's diversity-without-competition dose: on the steps where the competition schedule Λ

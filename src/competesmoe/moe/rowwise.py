@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import torch
 
-# Elements per block of `rowwise`: its float32 temporaries are a few times this size. Small blocks stay in
-# cache on CPU; on accelerators fewer, larger blocks keep the number of kernel launches low.
-_BLOCK_ELEMENTS = {"cpu": 1 << 20}
-_BLOCK_DEFAULT = 1 << 24
+from .kernels.plan import block_elements as default_block_elements
 
 
 class _RowwiseRecompute(torch.autograd.Function):
@@ -33,7 +30,8 @@ class _RowwiseRecompute(torch.autograd.Function):
         x, *consts = ctx.saved_tensors
         gx = torch.empty_like(x)           # the only full-size buffer: one gradient for every output
         for i in range(0, x.shape[0], ctx.rows):
-            with torch.enable_grad():
+            # the recompute runs as forward did (autocast off), wherever backward is called from
+            with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
                 xb = x[i:i + ctx.rows].detach().requires_grad_()
                 yb = ctx.fn(xb, *(c[i:i + ctx.rows] for c in consts))
                 yb = yb if isinstance(yb, tuple) else (yb,)
@@ -60,7 +58,7 @@ def rowwise(fn, x: torch.Tensor, *consts: torch.Tensor, block_elements: int | No
     if any(c.requires_grad for c in consts):
         raise ValueError("rowwise: the constant inputs must not require a gradient")
     row = max(1, x[:1].numel())
-    budget = block_elements or _BLOCK_ELEMENTS.get(x.device.type, _BLOCK_DEFAULT)
+    budget = block_elements or default_block_elements(x.device)   # fn's float32 temporaries: a few times this
     rows = max(1, budget // row)
     with torch.autocast(x.device.type, enabled=False):   # explicit float32 inside fn; same in backward
         if not (torch.is_grad_enabled() and x.requires_grad):

@@ -7,129 +7,171 @@ size (≈ 2 MiB at the paper's fine shape), so it stays in cache and in the allo
 full-size [T·K, D] buffers of the grouped path (gathered tokens, pair outputs and their gradients) are
 page-faulted in again at every step on CPU, and autograd keeps them alive until backward.
 
+Forward and backward are `torch.library` custom operators (`competesmoe::loop_experts[_backward]`) with
+fake implementations, so `torch.compile` traces a model through them without a graph break. φ and dφ
+come from one `Activation` (looked up by key). Frozen weights get no gradient computed.
+
 Any dtype and stride (float64 too: gradcheck runs on it). Forward values are bit-identical to the
 `grouped_mm` path, which runs the same per-expert GEMMs on CPU.
 
-Shapes: T tokens, D d_model, K choices, M = T·K pairs, H_in = W1's rows (2H for swiglu), n one expert's pairs.
+Shapes: T tokens, D d_in, O d_out, K choices, M = T·K pairs, H_in = W1's rows (2H gated), n one expert's pairs.
 """
 from __future__ import annotations
 
-from functools import partial
+from typing import Optional
 
 import torch
+from torch import Tensor
+
+from ..activations import lookup
+from .plan import SortedPairs
+
+def _segments(idx_TK: Tensor, n_experts: int, weighted: bool):
+    """The plan, per expert: its pair count, the token rows it reads and the output rows it writes."""
+    plan = SortedPairs.of(idx_TK, n_experts)
+    counts = plan.counts()
+    dst_M = plan.token_M if weighted else plan.pair_M   # weighted: summed into tokens; else pair rows
+    return plan, counts, plan.token_M.split(counts), dst_M.split(counts)
 
 
-def _plan(idx_TK: torch.Tensor, n_experts: int, weighted: bool):
-    """Per expert: the token rows its pairs read, the output rows they write, its slice of the sorted pairs."""
+def _fold(w_TK: Optional[Tensor], w2: Tensor) -> bool:
+    """Weights scale the narrower side of GEMM 2 (φ(h) [n, H] or its output [n, O]), as the grouped path."""
+    return w_TK is not None and w2.shape[2] <= w2.shape[1]
+
+
+@torch.library.custom_op("competesmoe::loop_experts", mutates_args=())
+def loop_experts(x_TD: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
+                 w_TK: Optional[Tensor], idx_TK: Tensor, act: str, keep: bool) -> tuple[Tensor, Tensor]:
+    """(out, h): out = Σ_k w_tk g_{idx_tk}(x_t) [T, O] if w_TK is given, else g_{idx_tk}(x_t) [T, K, O];
+    h = the sorted pre-activations [T·K, H_in] kept for backward (`keep`), else [0, H_in]."""
+    phi = lookup(act)
     T, K = idx_TK.shape
-    flat_M = idx_TK.reshape(-1)
-    order_M = flat_M.argsort(stable=True)                       # pairs sorted by expert
-    counts = torch.bincount(flat_M, minlength=n_experts).tolist()
-    tok_M = order_M // K
-    dst_M = tok_M if weighted else order_M                      # weighted: summed into tokens; else pair rows
-    return order_M, counts, tok_M.split(counts), dst_M.split(counts)
+    O, weighted = w2.shape[1], w_TK is not None
+    plan, counts, tok_e, dst_e = _segments(idx_TK, w1.shape[0], weighted)
+    scale_M = None if not weighted else w_TK.reshape(-1).index_select(0, plan.pair_M).to(x_TD.dtype)
+    fold = _fold(w_TK, w2)
+    n_max = max(counts, default=0)
+    h_MH = x_TD.new_empty(T * K if keep else n_max, w1.shape[1])   # without a graph: one expert's rows
+    out = x_TD.new_zeros(T if weighted else T * K, O)
+    x_buf, y_buf = x_TD.new_empty(n_max, x_TD.shape[1]), x_TD.new_empty(n_max, O)   # reused by every expert
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = slice(start, start + n)
+        start += n
+        x_e = torch.index_select(x_TD, 0, tok_e[e], out=x_buf[:n])
+        h = torch.mm(x_e, w1[e].t(), out=h_MH[rows] if keep else h_MH[:n])
+        if b1 is not None:
+            h += b1[e]
+        a = phi(h)
+        s = None if scale_M is None else scale_M[rows, None]
+        y = torch.mm(a.mul_(s) if fold else a, w2[e].t(), out=y_buf[:n])   # a is a fresh buffer
+        if b2 is not None:
+            y += b2[e] * s if fold else b2[e]
+        if s is not None and not fold:
+            y *= s
+        out.index_add_(0, dst_e[e], y)
+    out = out if weighted else out.view(T, K, O)
+    return out, (h_MH if keep else h_MH.new_empty(0, w1.shape[1]))
 
 
-class _LoopedExperts(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_TD, w1, b1, w2, b2, w_TK, idx_TK, act, act_grad, keep: bool):
-        T, K = idx_TK.shape
-        D, weighted = x_TD.shape[1], w_TK is not None
-        order_M, counts, tok_e, dst_e = _plan(idx_TK, w1.shape[0], weighted)
-        scale_M = None if not weighted else w_TK.reshape(-1).index_select(0, order_M).to(x_TD.dtype)
-        fold = weighted and w2.shape[2] <= D   # weights scale the narrower side of GEMM 2, as the grouped path
-        n_max = max(counts, default=0)
-        h_MH = x_TD.new_empty(T * K if keep else n_max, w1.shape[1])   # without a graph: one expert's rows
-        out = x_TD.new_zeros(T if weighted else T * K, D)
-        x_buf, y_buf = (x_TD.new_empty(n_max, D) for _ in range(2))   # reused by every expert
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows = slice(start, start + n)
-            start += n
-            x_e = torch.index_select(x_TD, 0, tok_e[e], out=x_buf[:n])
-            h = torch.mm(x_e, w1[e].t(), out=h_MH[rows] if keep else h_MH[:n])
-            if b1 is not None:
-                h += b1[e]
-            a = act(h)
-            s = None if scale_M is None else scale_M[rows, None]
-            y = torch.mm(a.mul_(s) if fold else a, w2[e].t(), out=y_buf[:n])   # a is a fresh buffer
-            if b2 is not None:
-                y += b2[e] * s if fold else b2[e]
-            if s is not None and not fold:
-                y *= s
-            out.index_add_(0, dst_e[e], y)
-        ctx.save_for_backward(x_TD, w1, b1, w2, b2, w_TK, h_MH, scale_M, order_M)
-        ctx.plan, ctx.act, ctx.act_grad, ctx.fold = (counts, tok_e, dst_e), act, act_grad, fold
-        return out if weighted else out.view(T, K, D)
+@loop_experts.register_fake
+def _(x_TD, w1, b1, w2, b2, w_TK, idx_TK, act, keep):
+    T, K = idx_TK.shape
+    O = w2.shape[1]
+    out = x_TD.new_empty(T, O) if w_TK is not None else x_TD.new_empty(T, K, O)
+    return out, x_TD.new_empty(T * K if keep else 0, w1.shape[1])
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        x_TD, w1, b1, w2, b2, w_TK, h_MH, scale_M, order_M = ctx.saved_tensors
-        (counts, tok_e, dst_e), act, act_grad = ctx.plan, ctx.act, ctx.act_grad
-        g_rows = g.to(x_TD.dtype).reshape(-1, g.shape[-1])           # [T, D] or [T·K, D]
-        need = ctx.needs_input_grad
-        gx = torch.zeros_like(x_TD) if need[0] else None
-        gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)       # every expert's slice is written below
-        gb1 = None if b1 is None else torch.empty_like(b1)
-        gb2 = None if b2 is None else torch.empty_like(b2)
-        gs_M = None if scale_M is None else torch.empty_like(scale_M)
-        D = x_TD.shape[1]
-        gy_buf, x_buf, gx_buf = (x_TD.new_empty(max(counts, default=0), D) for _ in range(3))
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                for grad in (gw1, gw2, gb1, gb2):
-                    if grad is not None:
-                        grad[e] = 0
-                continue
-            rows = slice(start, start + n)
-            start += n
-            gy = torch.index_select(g_rows, 0, dst_e[e], out=gy_buf[:n])   # dL/dy of this expert's pairs
-            s = None if scale_M is None else scale_M[rows, None]
-            h = h_MH[rows]
-            a_ = act(h)
-            gu = torch.mm(gy, w2[e])                                  # dL/d(a or s·a), [n, H]
-            if gs_M is not None:                                      # dL/ds = gy · (a W2ᵀ + b2)
-                gs = torch.linalg.vecdot(gu, a_)
-                gs_M[rows] = gs if b2 is None else gs + gy @ b2[e]
+
+@torch.library.custom_op("competesmoe::loop_experts_backward", mutates_args=())
+def loop_experts_backward(g: Tensor, x_TD: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
+                          b2: Optional[Tensor], w_TK: Optional[Tensor], idx_TK: Tensor, h_MH: Tensor, act: str,
+                          needs: list[bool]) -> list[Tensor]:
+    """[dx, dW1, db1, dW2, db2, dw_TK]; an input that `needs` no gradient gets an empty tensor."""
+    phi = lookup(act)
+    need_x, need_w1, need_b1, need_w2, need_b2, need_w = needs
+    weighted = w_TK is not None
+    plan, counts, tok_e, dst_e = _segments(idx_TK, w1.shape[0], weighted)
+    scale_M = None if not weighted else w_TK.reshape(-1).index_select(0, plan.pair_M).to(x_TD.dtype)
+    fold = _fold(w_TK, w2)
+    g_rows = g.to(x_TD.dtype).reshape(-1, g.shape[-1])              # [T, O] or [T·K, O]
+    gx = torch.zeros_like(x_TD) if need_x else None
+    gw1 = torch.zeros_like(w1) if need_w1 else None                  # unused experts: exact zeros
+    gw2 = torch.zeros_like(w2) if need_w2 else None
+    gb1 = torch.zeros_like(b1) if need_b1 else None
+    gb2 = torch.zeros_like(b2) if need_b2 else None
+    gs_M = torch.empty_like(scale_M) if weighted and need_w else None
+    n_max, D, O = max(counts, default=0), x_TD.shape[1], w2.shape[1]
+    gy_buf, x_buf, gx_buf = x_TD.new_empty(n_max, O), x_TD.new_empty(n_max, D), x_TD.new_empty(n_max, D)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = slice(start, start + n)
+        start += n
+        gy = torch.index_select(g_rows, 0, dst_e[e], out=gy_buf[:n])   # dL/dy of this expert's pairs
+        s = None if scale_M is None else scale_M[rows, None]
+        h = h_MH[rows]
+        a_ = phi(h)
+        gu = torch.mm(gy, w2[e])                                      # dL/d(a or s·a), [n, H]
+        if gs_M is not None:                                          # dL/ds = gy · (a W2ᵀ + b2)
+            gs = torch.linalg.vecdot(gu, a_)
+            gs_M[rows] = gs if b2 is None else gs + gy @ b2[e]
+        if gw2 is not None:
             if s is None:
                 torch.mm(gy.t(), a_, out=gw2[e])
-            elif ctx.fold:                                            # y = (s·a) W2ᵀ + s·b2
-                torch.mm(gy.t(), a_.mul_(s), out=gw2[e])
+            elif fold:                                                # y = (s·a) W2ᵀ + s·b2
+                torch.mm(gy.t(), a_.mul_(s), out=gw2[e])      # a_ is not used again
             else:                                                     # y = s·(a W2ᵀ + b2)
                 torch.mm((gy * s).t(), a_, out=gw2[e])
-            if gb2 is not None:
-                gb2[e] = gy.sum(0) if s is None else (gy * s).sum(0)
-            ga = gu if s is None else gu.mul_(s)
-            gh = act_grad(h, ga)
-            if gb1 is not None:
-                gb1[e] = gh.sum(0)
-            x_e = torch.index_select(x_TD, 0, tok_e[e], out=x_buf[:n])
-            torch.mm(gh.t(), x_e, out=gw1[e])
-            if gx is not None:
-                gx.index_add_(0, tok_e[e], torch.mm(gh, w1[e], out=gx_buf[:n]))
-        gw_TK = None
-        if gs_M is not None and need[5]:
-            gw_TK = torch.empty_like(gs_M).index_copy_(0, order_M, gs_M).view_as(w_TK).to(w_TK.dtype)
-        return gx, gw1, gb1, gw2, gb2, gw_TK, None, None, None, None
+        if gb2 is not None:
+            gb2[e] = gy.sum(0) if s is None else (gy * s).sum(0)
+        if not (need_x or need_w1 or need_b1):
+            continue
+        gh = phi.grad(h, gu if s is None else gu.mul_(s))
+        if gb1 is not None:
+            gb1[e] = gh.sum(0)
+        if gw1 is not None:
+            torch.mm(gh.t(), torch.index_select(x_TD, 0, tok_e[e], out=x_buf[:n]), out=gw1[e])
+        if gx is not None:
+            gx.index_add_(0, tok_e[e], torch.mm(gh, w1[e], out=gx_buf[:n]))
+    gw_TK = None
+    if gs_M is not None:
+        gw_TK = torch.empty_like(gs_M).index_copy_(0, plan.pair_M, gs_M).view_as(w_TK).to(w_TK.dtype)
+    return [t if t is not None else x_TD.new_empty(0) for t in (gx, gw1, gb1, gw2, gb2, gw_TK)]
 
 
-@torch.compiler.disable   # a Python loop over data-dependent sizes: dynamo runs it eagerly
-def looped_experts(x_TD, w1, b1, w2, b2, idx_TK, act, w_TK=None, act_grad=None) -> torch.Tensor:
+@loop_experts_backward.register_fake
+def _(g, x_TD, w1, b1, w2, b2, w_TK, idx_TK, h_MH, act, needs):
+    like = (x_TD, w1, b1, w2, b2, w_TK)
+    return [torch.empty_like(t) if n and t is not None else x_TD.new_empty(0) for t, n in zip(like, needs)]
+
+
+def _setup_context(ctx, inputs, output):
+    x_TD, w1, b1, w2, b2, w_TK, idx_TK, act, keep = inputs
+    ctx.save_for_backward(x_TD, w1, b1, w2, b2, w_TK, idx_TK, output[1])
+    ctx.act, ctx.keep = act, keep
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, g, _):
+    x_TD, w1, b1, w2, b2, w_TK, idx_TK, h_MH = ctx.saved_tensors
+    if not ctx.keep:
+        raise RuntimeError("loop_experts ran without keeping its pre-activations (no input required a gradient)")
+    needs = list(ctx.needs_input_grad[:6])
+    grads = loop_experts_backward(g, x_TD, w1, b1, w2, b2, w_TK, idx_TK, h_MH, ctx.act, needs)
+    return (*[gr if n else None for gr, n in zip(grads, needs)], None, None, None)
+
+
+torch.library.register_autograd("competesmoe::loop_experts", _backward, setup_context=_setup_context)
+
+
+def looped_experts(x_TD, w1, b1, w2, b2, idx_TK, act: str, w_TK=None) -> Tensor:
     """y_TD = Σ_k w_tk g_{idx_tk}(x_t) when `w_TK` is given, else out_TKD = g_{idx_tk}(x_t).
 
-    w1: [N, H_in, D] and w2: [N, D, H] as stored (nn.Linear layout), all in x's dtype;
-    `act` maps the [n, H_in] pre-activations to a new [n, H] tensor (swiglu halves H_in); `act_grad(h, dL/da)` gives
-    dL/dh (default: autograd through `act`, one call per expert, which costs ~3% of a step at the fine shape).
+    w1: [N, H_in, D] and w2: [N, O, H] as stored (nn.Linear layout), all in x's dtype; `act` is an
+    `Activation` key (`moe.activations`).
     """
     keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x_TD, w1, b1, w2, b2, w_TK))
-    return _LoopedExperts.apply(x_TD, w1, b1, w2, b2, w_TK, idx_TK, act, act_grad or partial(_autograd_vjp, act), keep)
-
-
-def _autograd_vjp(act, h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    with torch.enable_grad():
-        h = h.detach().requires_grad_()
-        return torch.autograd.grad(act(h), h, g)[0]
+    return loop_experts(x_TD, w1, b1, w2, b2, w_TK, idx_TK, act, keep)[0]

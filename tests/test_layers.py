@@ -10,7 +10,7 @@ from pathlib import Path
 import competesmoe
 
 ROOT = Path(competesmoe.__file__).parent
-LAYER = {"errors": 0, "config": 0, "plots": 0, "data": 1, "moe": 2, "model": 3, "train": 4, "eval": 5,
+LAYER = {"errors": 0, "files": 0, "config": 0, "plots": 0, "data": 1, "moe": 2, "model": 3, "train": 4, "eval": 5,
          "analysis": 6, "theory": 6}
 TOP = 99
 

@@ -47,6 +47,15 @@ class CompetitionSchedule:
     def advance(self) -> None:
         self.step += 1
 
+    def resize(self, total_steps: int) -> None:
+        """A new planned total (a resumed run trained longer): the table is rebuilt for `total_steps` (draws,
+        A_max placement and warm-up over the new total, same seed), and the steps already taken keep the
+        decisions they were trained with."""
+        check(total_steps >= self.step, f"total_steps={total_steps} is before the current step {self.step}")
+        new = CompetitionSchedule(self.n_layers, total_steps, **self.cfg.to_dict())
+        new.table[:, :self.step] = self.table[:, :self.step]
+        self.table, self.total_steps, self.warmup_steps = new.table, total_steps, new.warmup_steps
+
     # --- checkpointing -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"n_layers": self.n_layers, "total_steps": self.total_steps, "config": self.cfg.to_dict(),

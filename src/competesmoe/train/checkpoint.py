@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CompeteSMoEError
+from ..files import fsync_dir, fsync_write
 
 FILES = ("model.safetensors", "trainer.pt", "config.yaml")
 PREFIX = "step_"
@@ -40,21 +41,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def step_dir(ckpt_root: Path, step: int) -> Path:
@@ -87,25 +73,25 @@ def save(ckpt_root: str | Path, step: int, model_state: dict[str, torch.Tensor],
         os.fsync(f.fileno())
     buf = io.BytesIO()
     torch.save(trainer_state, buf)
-    _fsync_write(tmp / "trainer.pt", buf.getvalue())
+    fsync_write(tmp / "trainer.pt", buf.getvalue())
     return _finish(root, tmp, final, step, config_yaml, tokenizer_json, keep_last)
 
 
 def _finish(root: Path, tmp: Path, final: Path, step: int, config_yaml: str, tokenizer_json: str | None,
             keep_last: int | None) -> Path:
     """Config, tokenizer and the manifest of every file in `tmp`, then the atomic rename into place."""
-    _fsync_write(tmp / "config.yaml", config_yaml.encode())
+    fsync_write(tmp / "config.yaml", config_yaml.encode())
     if tokenizer_json is not None:
-        _fsync_write(tmp / "tokenizer.json", tokenizer_json.encode())
+        fsync_write(tmp / "tokenizer.json", tokenizer_json.encode())
     names = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file())
     manifest = {"step": step, "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in names}}
-    _fsync_write(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
+    fsync_write(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
     for d in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:
-        _fsync_dir(d)
+        fsync_dir(d)
     if final.exists():  # never overwrite: keep whatever was there (e.g. a corrupt one) aside
         final.rename(root / f"{final.name}.replaced-{time.time_ns()}")
     tmp.rename(final)
-    _fsync_dir(root)
+    fsync_dir(root)
     if keep_last:
         for old in checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -213,7 +199,7 @@ def save_sharded(ckpt_root: str | Path, step: int, shards: dict, trainer_state: 
     if dist.get_rank() == 0:
         buf = io.BytesIO()
         torch.save(trainer_state, buf)
-        _fsync_write(tmp / "trainer.pt", buf.getvalue())
+        fsync_write(tmp / "trainer.pt", buf.getvalue())
         _finish(root, tmp, final, step, config_yaml, tokenizer_json, keep_last)
     dist.barrier()
     return final

@@ -7,19 +7,22 @@ from ..config import ROUTERS, apply_overrides, flatten, read_yaml
 from .config import RUN_PRESETS, RunConfig, run_preset
 from .loop import Trainer
 from .metrics import plot_validation
-from .runs import dump_summary
+from .runs import dump_summary, saved_run_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny", choices=sorted(RUN_PRESETS), help="model + training preset")
+    p.add_argument("--preset", choices=sorted(RUN_PRESETS), help="model + training preset (default tiny; with --resume: "
+                        "the run's own saved config)")
     p.add_argument("--config", help="a YAML RunConfig (model/data/train sections, any subset): applied on top of --preset; "
                         "flags and --set apply on top of it")
     p.add_argument("--router", choices=ROUTERS, help="router policy of every MoE layer")
     p.add_argument("--data", help="training text: .txt/.jsonl(.gz) file or folder, or hf:NAME (default: synthetic)")
     p.add_argument("--valid", help="validation text (default: a held-out part of --data)")
-    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--steps", type=int, help="optimizer steps (with --resume: a new total, to train longer; the log says "
+                        "what it does to the learning-rate and competition schedules)")
     p.add_argument("--out", help="run folder: checkpoints, metrics.jsonl, tensorboard/, tokenizer.json")
-    p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out as saved (its config.yaml) from its "
+                        "newest good checkpoint; flags may change only logging, evaluation, checkpointing and how it runs")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--precision", choices=("fp32", "bf16"))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -29,8 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace) -> RunConfig:
-    """The preset, then the --config YAML's values, then the flags, then --set (each on top of the last)."""
-    cfg = run_preset(args.preset)
+    """The preset, then the --config YAML's values, then the flags, then --set (each on top of the last).
+    `--resume` without --preset/--config starts from the run's own saved config instead of the preset."""
+    saved = saved_run_config(args.out) if args.resume and not (args.preset or args.config) else None
+    cfg = RunConfig.from_dict(saved) if saved is not None else run_preset(args.preset or "tiny")
     if args.config:
         cfg = apply_overrides(cfg, flatten(read_yaml(args.config)))
     flags = {"router": args.router, "data.train": args.data, "data.valid": args.valid, "train.steps": args.steps,

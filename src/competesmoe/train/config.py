@@ -36,6 +36,7 @@ class TrainConfig(Config):
     compile: bool = False             # torch.compile the model's forward (in place: same module, same checkpoints)
     parallel: str = "ddp"             # under torchrun: "ddp" (replicated weights), "fsdp" (FSDP2 shards), "none"
     expert_parallel: int = 1          # E: each MoE layer's experts split over E ranks (docs/distributed.md)
+    activation_checkpointing: bool = False   # recompute each layer's activations in backward (less memory, ~1/3 more compute)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)   # competition (competesmoe only)
 
     def validate(self) -> None:

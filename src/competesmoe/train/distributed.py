@@ -91,13 +91,15 @@ class Dist:
     def parallelize(self, model: nn.Module, log=print) -> nn.Module:
         """Split the experts (E > 1), then wrap for data parallelism; returns the module to call in training."""
         if self.ep > 1:
-            n = model.cfg.block_moe.n_routed if hasattr(model.cfg, "block_moe") else None
+            n = moe_layers(model)[0].cfg.n_routed
+            if n % self.ep:
+                raise DistributedError(f"train.expert_parallel={self.ep} must divide the {n} routed experts of each layer")
             for layer in moe_layers(model):
                 layer.experts = ExpertParallelExperts(layer.experts, self.ep_group)
             self.expert_names = {f"{name}.{p}" for name, m in model.named_modules()
                                  if isinstance(m, ExpertParallelExperts) for p, _ in m.named_parameters()}
             method = moe_layers(model)[0].experts.exchange
-            log(f"expert parallel: {self.ep} ranks per group, {n // self.ep if n else '?'} experts of each layer "
+            log(f"expert parallel: {self.ep} ranks per group, {n // self.ep} experts of each layer "
                 f"per rank, exchange {method} ({dist.get_backend()}); parameter counts are this rank's")
         self.train_model = model
         if self.world == 1:
@@ -110,12 +112,12 @@ class Dist:
             detach = any(l.cfg.competition.detach_router_off_competition for l in moe_layers(model))
             self.train_model = DDP(model, device_ids=[self.local_rank] if self.device.type == "cuda" else None,
                                    find_unused_parameters=detach, **_no_buffer_broadcast(DDP))
-        else:  # fsdp: every block its own FSDP2 unit, the embedding/head/final norm the root's
+        else:  # fsdp: every layer unit its own FSDP2 unit, the rest (embedding, head, final norm) the root's
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
             world_mesh = init_device_mesh(self.device.type, (self.world,))
-            for block in getattr(model, "blocks", []):
-                fully_shard(block, mesh=world_mesh, ignored_params={p for p in block.parameters() if p in experts} or None)
+            for unit in layer_units(model):
+                fully_shard(unit, mesh=world_mesh, ignored_params={p for p in unit.parameters() if p in experts} or None)
             fully_shard(model, mesh=world_mesh, ignored_params=experts or None)
         log(f"distributed: {self.world} processes ({dist.get_backend()}), {self.parallel}"
             f"{f' x expert parallel {self.ep}' if self.ep > 1 else ''}")
@@ -244,6 +246,27 @@ class Dist:
                 osd[name] = {k: view(v) if v.dim() else v for k, v in osd[name].items()}
         return {"model": msd, "optim": osd}
 
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """Every weight whole, on the CPU of rank 0 (None on the other ranks); every rank must call it.
+        FSDP2 shards are gathered by torch.distributed.checkpoint's `get_model_state_dict(full_state_dict=True,
+        cpu_offload=True)`; the expert slices of expert parallelism (plain tensors FSDP2 ignores) are
+        all-gathered over their group into the [N, ...] tensors of the single-process model."""
+        if hasattr(model, "reshard"):   # FSDP2 keeps the root unsharded after a forward without backward (eval)
+            model.reshard()
+        if self.world == 1 or not self.sharded:
+            return {k: v.detach().cpu() for k, v in model.state_dict().items()} if self.is_main else None
+        if self.parallel == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            state = model.state_dict()
+        for name in sorted(self.expert_names):   # same order on every rank: one all_gather each
+            local = model.get_parameter(name).detach()
+            parts = [torch.empty_like(local) for _ in range(self.ep)]
+            dist.all_gather(parts, local.contiguous(), group=self.ep_group)
+            state[name] = torch.cat(parts)
+        return {k: v.detach().cpu() for k, v in state.items()} if self.is_main else None
+
     def save(self, ckpt_root, step, model, optimizer, trainer_state: dict, config_yaml: str, keep_last=None,
              tokenizer_json=None):
         """A sharded checkpoint (every rank calls this): weights and optimizer state through DCP, the rest
@@ -268,8 +291,8 @@ class Dist:
             return
         # single-process format into shards: each rank copies its slices of the full tensors
         target = self.model_state(model, optimizer)
-        tied = {"head.weight"} if getattr(model.cfg, "tie_embeddings", False) else set()
-        missing = set(target["model"]) - set(tensors) - tied
+        from .runs import tied_names
+        missing = set(target["model"]) - set(tensors) - tied_names(model)
         if missing:
             raise ckpt.CheckpointError(f"checkpoint {path} does not fit this model: missing {sorted(missing)[:5]}")
         for name, t in target["model"].items():
@@ -290,6 +313,32 @@ def _no_buffer_broadcast(ddp_class) -> dict:
     import inspect
     params = inspect.signature(ddp_class.__init__).parameters
     return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
+def layer_units(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated layers, the unit of FSDP2 sharding and of activation checkpointing: an
+    `MoETransformer`'s blocks, or what the model names with `layer_units()` (a Hugging Face model's
+    decoder layers and vision-encoder layers, `finetune.HFCausalLM`)."""
+    if hasattr(model, "layer_units"):
+        return list(model.layer_units())
+    return list(getattr(model, "blocks", []))
+
+
+def checkpoint_activations(model: nn.Module) -> int:
+    """Activation checkpointing per layer unit: each unit's forward keeps only its inputs and recomputes its
+    activations in backward (torch.utils.checkpoint, non-reentrant, RNG state preserved). The module tree
+    and parameter names are unchanged (the unit's `forward` is wrapped in place), so checkpoints, FSDP2
+    and expert parallelism see the same model. Returns the number of units."""
+    import functools
+    from torch.utils.checkpoint import checkpoint
+    units = layer_units(model)
+    for unit in units:
+        def forward(*args, _inner=unit.forward, **kwargs):
+            if not torch.is_grad_enabled():   # evaluation: nothing to save
+                return _inner(*args, **kwargs)
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+        unit.forward = functools.wraps(unit.forward)(forward)
+    return len(units)
 
 
 class NoMetrics:
@@ -355,6 +404,11 @@ def copy_full(target: torch.Tensor, full: torch.Tensor) -> None:
     if target.shape != full.shape:
         raise DistributedError(f"checkpoint tensor of shape {tuple(full.shape)} does not fit {tuple(target.shape)}")
     target.copy_(full.to(target.device))
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the process group, or a single process."""
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def setup(train_cfg, device: torch.device, log=print) -> Dist:

@@ -21,15 +21,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config, ScheduleConfig, apply_overrides, check
 from ..data import DataConfig
 from ..data.chat import unmask
 from ..moe import moe_layers
+from ..model.loss import lm_cross_entropy
 from ..model.transformer import LMOutput
-from ..model.upcycle import UpcycleConfig, UpcycleError, is_upcycled, upcycle, upcycle_transformer
+from ..model.upcycle import UpcycleConfig, UpcycleError, decoder_layers, is_upcycled, upcycle, upcycle_transformer
+from . import distributed
 from .config import RunConfig, TrainConfig
 from .loading import is_competesmoe_source, load_competesmoe, load_dense_hf
 
@@ -55,6 +56,11 @@ class FinetuneConfig(Config):
     @property
     def spec(self) -> UpcycleConfig:
         return UpcycleConfig.from_dict({k: v for k, v in self.model.to_dict().items() if k != "init"})
+
+    def validate(self) -> None:
+        E = self.train.expert_parallel
+        check(self.model.experts % E == 0, f"train.expert_parallel={E} must divide the {self.model.experts} experts "
+                                           f"of each layer")
 
 
 # Appendix I.1, Table 10 (VIT stage): lr 4e-6 cosine, 5 sequences per GPU x 4 GPUs, 2,048 tokens, AdamW;
@@ -96,12 +102,25 @@ class HFCausalLM(nn.Module):
         out = self.hf(input_ids=input_ids, use_cache=False)
         aux, moe = out.aux_loss, list(self.hf.moe_outputs)
         lm = loss = None
-        if targets is not None:  # mean over the target tokens; 0 (not NaN) for a window without any
-            flat = out.logits.float().view(-1, out.logits.shape[-1])
-            total = F.cross_entropy(flat, targets.reshape(-1), ignore_index=-100, reduction="sum")
-            lm = total / (targets != -100).sum().clamp_min(1)
+        if targets is not None:  # mean over the target tokens, without float32 copies of the [B·S, V] logits
+            if bool((targets != -100).any()):
+                lm = lm_cross_entropy(out.logits.view(-1, out.logits.shape[-1]), targets.reshape(-1))
+            else:   # a chat window without any reply token: 0, not NaN (the mean over no token)
+                lm = out.logits.sum().float() * 0.0
             loss = lm + aux
         return LMOutput(out.logits, loss, lm, aux, moe)
+
+    def layer_units(self) -> list[nn.Module]:
+        """The repeated layers (FSDP2 units, activation checkpointing): the decoder layers, and the layers of a
+        vision encoder where the model has one (LLaVA-style VLMs)."""
+        units = list(decoder_layers(self.hf))
+        for name, module in self.hf.named_modules():
+            if name.rsplit(".", 1)[-1] in ("vision_tower", "vision_model", "visual"):
+                lists = [m for m in module.modules() if isinstance(m, nn.ModuleList) and len(m) > 1
+                         and len({type(l) for l in m}) == 1]
+                units += list(max(lists, key=len)) if lists else []
+                break
+        return units
 
     def num_parameters(self, active: bool = False) -> int:
         total = sum(p.numel() for p in self.parameters())
@@ -113,13 +132,10 @@ class HFCausalLM(nn.Module):
 
 
 def _drop_tied(module: nn.Module, state: dict, prefix: str, local_metadata: Any) -> None:
-    seen = set()
-    for key in list(state):
-        t = state[key]
-        ident = (t.data_ptr(), t.shape, t.stride()) if t.numel() else None
-        if ident is not None and ident in seen:
-            del state[key]
-        seen.add(ident)
+    """Tied parameters by identity (not by storage: FSDP2's DTensors do not expose one)."""
+    from .runs import tied_names
+    for name in tied_names(module):
+        state.pop(prefix + name, None)
 
 
 # --- building the run ---------------------------------------------------------------------------------
@@ -127,8 +143,11 @@ def init_spec(init: str) -> dict | None:
     """The upcycling settings an already upcycled `init` was made with (None for a dense model)."""
     path = Path(init) / "config.json"
     if path.is_file():
-        cfg = json.loads(path.read_text())
-        if cfg.get("model_type") == "competesmoe_upcycled":
+        try:
+            cfg = json.loads(path.read_text())
+        except ValueError as e:
+            raise UpcycleError(f"{path}: not a model's config.json ({e})") from None
+        if isinstance(cfg, dict) and cfg.get("model_type") == "competesmoe_upcycled":
             return cfg["competesmoe"]["upcycle"]
     if is_competesmoe_source(init):
         model, _ = load_competesmoe(init, log=lambda *_: None)
@@ -149,17 +168,20 @@ def _check_structure(spec: UpcycleConfig, have: dict, init: str) -> None:
 
 
 def _with_settings(m, spec: UpcycleConfig):
-    return dataclasses.replace(m, competition=spec.competition, losses=spec.losses)
+    return dataclasses.replace(m, competition=spec.competition, losses=spec.losses, backend=spec.backend)
 
 
 def _use_settings(model: nn.Module, spec: UpcycleConfig) -> None:
-    """An already upcycled model keeps its experts and routers; its competition and losses follow `spec`."""
+    """An already upcycled model keeps its experts and routers; its competition, losses and expert dispatch
+    (`model.backend`) follow `spec`."""
     for layer in moe_layers(model):
         layer.cfg = _with_settings(layer.cfg, spec)
+        layer.experts.backend = spec.backend
 
 
-def build(cfg: FinetuneConfig, log: Callable[[str], None] = print):
-    """(config to record, model for the Trainer, data or None, writer of the final HF folder)."""
+def build(cfg: FinetuneConfig, log: Callable[[str], None] = print, writes: bool = True):
+    """(config to record, model for the Trainer, data or None, writer of the final HF folder from a full state
+    dict). `writes`: this process writes the run folder's files (rank 0 under torchrun)."""
     init, spec = cfg.model.init, cfg.spec
     check(init != "", "finetune needs a model to start from (model.init: a folder, run or hub name)")
     check(cfg.data.train != "synthetic", "finetune needs data (data.train: a text or chat file/folder)")
@@ -168,6 +190,12 @@ def build(cfg: FinetuneConfig, log: Callable[[str], None] = print):
         _check_structure(spec, have, init)
     if is_competesmoe_source(init):
         from ..model.hf import hf_tokenizer, save_hf
+        from ..model.transformer import MoETransformer
+        from ..files import atomic_write
+        from .runs import load_weights
+        if cfg.chat:
+            raise UpcycleError("chat data with a competesmoe model is not supported (its tokenizer has no chat "
+                               "template); fine-tune it on text")
         model, tok = load_competesmoe(init, log=log)
         if model.cfg.dense:
             model = upcycle_transformer(model, spec)
@@ -175,16 +203,17 @@ def build(cfg: FinetuneConfig, log: Callable[[str], None] = print):
         else:
             model.cfg = dataclasses.replace(model.cfg, moe=_with_settings(model.cfg.moe, spec))
             _use_settings(model, spec)
-        out = Path(cfg.train.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         tok = hf_tokenizer(tok)
-        tok_path = out / "init-tokenizer.json"
-        tok.backend_tokenizer.save(str(tok_path))
+        tok_path = Path(cfg.train.out_dir) / "init-tokenizer.json"
+        if writes:
+            atomic_write(tok_path, tok.backend_tokenizer.to_str())
         run = RunConfig(model=model.cfg, data=dataclasses.replace(cfg.data, tokenizer=str(tok_path)), train=cfg.train)
-        if cfg.chat:
-            raise UpcycleError("chat data with a competesmoe model is not supported (its tokenizer has no chat "
-                               "template); fine-tune it on text")
-        return run, model, None, lambda m, folder: save_hf(m, tok, folder)
+
+        def write_transformer(state: dict, folder: Path) -> None:
+            full = MoETransformer(run.model)
+            load_weights(full, state, "the trained model")
+            save_hf(full, tok, folder)
+        return run, model, None, write_transformer
     from transformers import AutoTokenizer
     from ..data.chat import load_finetune_data
     hf = load_dense_hf(init)
@@ -200,21 +229,31 @@ def build(cfg: FinetuneConfig, log: Callable[[str], None] = print):
     check(max_pos is None or cfg.data.seq_len <= max_pos,
           f"data.seq_len={cfg.data.seq_len} exceeds the model's max_position_embeddings={max_pos}")
 
-    def write(model: HFCausalLM, folder: Path) -> None:
-        model.hf.save_pretrained(str(folder))
+    def write_hf(state: dict, folder: Path) -> None:   # the full weights, whatever the run's layout
+        hf.save_pretrained(str(folder), state_dict={k[len("hf."):]: v for k, v in state.items()})
         tok.save_pretrained(str(folder))
-    return cfg, HFCausalLM(hf), data, write
+    return cfg, HFCausalLM(hf), data, write_hf
 
 
 def finetune(cfg: FinetuneConfig, resume: bool = False, log: Callable[[str], None] = print) -> dict:
-    """Train `cfg` to the end (or continue it with `resume`); returns the summary, and writes RUN/hf."""
-    from .loop import Trainer
-    from .runs import dump_summary
-    record, model, data, write = build(cfg, log)
+    """Train `cfg` to the end (or continue it with `resume`); returns the summary, and writes RUN/hf.
+
+    Under torchrun every rank trains and takes part in gathering the final weights; rank 0 alone writes
+    finetune.yaml, hf/ and summary.json (each atomically: a failed run leaves no half-written file)."""
+    from ..files import atomic_folder, atomic_write
+    from .loop import Trainer, check_run_folder
+    from .runs import dump_summary, resolve_device
+    d = distributed.setup(cfg.train, resolve_device(cfg.train.device))   # the process group first: who writes
+    check_run_folder(Path(cfg.train.out_dir), resume)
+    record, model, data, write = build(cfg, d.logger(log), writes=d.is_main)
     trainer = Trainer(record, resume=resume, log=log, model=model, data=data)
-    (trainer.out / "finetune.yaml").write_text(cfg.to_yaml())
+    if trainer.dist.is_main:
+        atomic_write(trainer.out / "finetune.yaml", cfg.to_yaml())
     summary = trainer.train()
-    write(trainer.model, trainer.out / "hf")
     summary["hf"] = str(trainer.out / "hf")
-    dump_summary(summary, trainer.out)
+    state = trainer.dist.full_state_dict(trainer.model)   # every rank: FSDP2 shards and expert slices gathered
+    if trainer.dist.is_main:
+        atomic_folder(trainer.out / "hf", lambda folder: write(state, folder))
+        dump_summary(summary, trainer.out)
+    trainer.dist.barrier()
     return summary

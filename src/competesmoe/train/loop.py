@@ -11,6 +11,7 @@ everything needed to continue bit-exactly: weights, optimizer, schedule, RNG sta
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -28,7 +29,7 @@ from . import checkpoint as ckpt
 from . import distributed
 from .config import RunConfig
 from .metrics import MetricsLogger, micro_metrics, step_metrics
-from .runs import check_same_model, load_weights, resolve_device
+from .runs import check_resumable, load_weights, resolve_device
 from .validation import lm_loss
 
 
@@ -66,6 +67,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(cuda) if isinstance(cuda, torch.Tensor) else torch.cuda.set_rng_state_all(cuda)
 
 
+def check_run_folder(out: Path, resume: bool) -> None:
+    """A run folder with checkpoints is only continued (`resume`), never trained over."""
+    if ckpt.checkpoints(out / "checkpoints") and not resume:
+        raise TrainingError(f"{out} already holds checkpoints; pass --resume to continue, "
+                            f"or choose another --out (nothing was overwritten)")
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, resume: bool = False, log=print, model: torch.nn.Module | None = None,
                  data=None) -> None:
@@ -77,10 +85,7 @@ class Trainer:
         self.cfg, self.log = cfg, log
         self.out = Path(t.out_dir)
         self.ckpt_root = self.out / "checkpoints"
-        existing = ckpt.checkpoints(self.ckpt_root)
-        if existing and not resume:
-            raise TrainingError(f"{self.out} already holds checkpoints; pass --resume to continue, "
-                                f"or choose another --out (nothing was overwritten)")
+        check_run_folder(self.out, resume)
         self.device = self.dist.device
         seed_everything(t.seed)
 
@@ -91,6 +96,9 @@ class Trainer:
                 cfg.model.vocab_size = self.data.vocab_size
             model = MoETransformer(cfg.model)
         self.model = model.to(self.device)
+        if t.activation_checkpointing:
+            n = distributed.checkpoint_activations(self.model)
+            log(f"activation checkpointing: {n} layers recompute their activations in backward")
         if t.compile:
             self.model.compile()      # torch.compile in place: state_dict keys and checkpoints unchanged
         self.train_model = self.dist.parallelize(self.model, log)   # the module forward runs through (DDP, FSDP2)
@@ -101,6 +109,7 @@ class Trainer:
         self.dist.check_schedule(self.schedule)
         self.batches = self.dist.shard_batches(self.data.train_batches(t.batch_size, seed=cfg.data.seed))
         self.step, self.nan_skipped, self.consecutive_nan = 0, 0, 0
+        self.competitions = 0     # layer competitions since the last logged step (metrics.jsonl: competing_layers)
         self.last_val: dict | None = None
         if resume:  # refuses a checkpoint of another config before anything in the run folder changes
             self._restore()
@@ -155,6 +164,7 @@ class Trainer:
                 self._non_finite(float(loss))
             self.optimizer.zero_grad(set_to_none=True)
             on_optimizer_step(self.model)
+            self.competitions += int(micro[0]["competing_layers"])
             self.step += 1
             bar.update(1)
 
@@ -163,6 +173,7 @@ class Trainer:
                 m = step_metrics(self.dist.reduce_metrics(micro), grad_norm, lr)
                 m["tokens_per_s"] = tokens_per_step * t.log_every / elapsed if self.step % t.log_every == 0 else None
                 m["nan_skipped"] = self.nan_skipped
+                m["competing_layers"], self.competitions = self.competitions, 0
                 self.metrics.log(self.step, m)
                 bar.set_postfix(loss=f"{m['loss']:.3f}", ppl=f"{math.exp(min(m['lm_loss'], 50)):.1f}",
                                 tok_s=f"{m['tokens_per_s'] or 0:.0f}", comp=m["competing_layers"])
@@ -217,7 +228,7 @@ class Trainer:
     def save(self) -> Path:
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
                  "rng": rng_state(), "data": self.batches.state_dict(), "nan_skipped": self.nan_skipped,
-                 "consecutive_nan": self.consecutive_nan, "version": __version__}
+                 "consecutive_nan": self.consecutive_nan, "competitions": self.competitions, "version": __version__}
         if self.dist.world > 1:  # every rank writes its shards through torch.distributed.checkpoint
             return self.dist.save(self.ckpt_root, self.step, self.model, self.optimizer, state, self.cfg.to_yaml(),
                                   keep_last=self.cfg.train.keep_last, tokenizer_json=self.data.tokenizer.to_str())
@@ -230,12 +241,30 @@ class Trainer:
             self.log(f"no checkpoint in {self.ckpt_root}: starting from scratch")
             return
         tensors, state, cfg_yaml = ckpt.load(path, map_location=self.device, tensors=not ckpt.is_sharded(path))
-        check_same_model(self.cfg, cfg_yaml, path)
+        check_resumable(self.cfg, cfg_yaml, path)
         self.dist.load_state(self.model, self.optimizer, path, tensors, state, load_weights)  # any layout, any P
         self.schedule.load_state_dict(state["schedule"])
         attach_schedule(self.model, self.schedule)
         self.batches.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         self.step, self.nan_skipped = state["step"], state["nan_skipped"]
-        self.consecutive_nan = state["consecutive_nan"]
+        self.consecutive_nan, self.competitions = state["consecutive_nan"], state.get("competitions", 0)
         self.log(f"resumed from {path} at step {self.step}")
+        saved_steps = self.schedule.total_steps
+        if self.cfg.train.steps != saved_steps:
+            self._new_total(saved_steps)
+
+    def _new_total(self, saved_steps: int) -> None:
+        """A resumed run asked for another train.steps (docs/distributed.md, "Training longer"): the learning
+        rate follows the cosine over the new total from here on, and the competition table is rebuilt for
+        the new total, the steps already taken keeping their decisions (`CompetitionSchedule.resize`)."""
+        t = self.cfg.train
+        if t.steps < self.step:
+            raise TrainingError(f"train.steps={t.steps} is before the checkpoint's step {self.step}: a run cannot "
+                                f"be shortened below what it has trained")
+        old = lr_at(self.step, dataclasses.replace(t, steps=saved_steps))
+        self.schedule.resize(t.steps)
+        attach_schedule(self.model, self.schedule)
+        self.log(f"train.steps {saved_steps} -> {t.steps}: the learning rate now follows the cosine over {t.steps} "
+                 f"steps ({old:.3g} -> {lr_at(self.step, t):.3g} at step {self.step}); the competition schedule is "
+                 f"rebuilt for {t.steps} steps, steps 1..{self.step} keep their decisions")

@@ -2,7 +2,9 @@
 
 `aux_loss` is the model's (summed over MoE layers); each per-layer term (`balance`, `distill`, ...) is
 averaged over the layers that report it, so `agreement` is the mean over the layers that competed at that
-step (router vs competition, |I_R ∩ I_C| / K).
+step (router vs competition, |I_R ∩ I_C| / K). `competing_layers` is the number of layer competitions
+summed over the optimizer steps since the previous logged row (a run's total is the column's sum), not a
+value of the logged step alone.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from ..moe.stats import selection_entropy
 def micro_metrics(out, detail: bool = True) -> dict[str, torch.Tensor]:
     """Detached scalars of one micro-batch's `LMOutput` (per-layer values averaged over layers); only the
     loss unless `detail` (steps that are not logged need nothing else)."""
-    m = {"loss": out.loss.detach()}
+    m = {"loss": out.loss.detach(), "competing_layers": torch.tensor(sum(mo.competed for mo in out.moe))}
     if not detail:
         return m
     layers = out.moe
@@ -28,7 +30,6 @@ def micro_metrics(out, detail: bool = True) -> dict[str, torch.Tensor]:
         m[k] = torch.stack(vals).mean()
     n_routed = layers[0].router_logits.shape[-1]
     m["routing_entropy"] = torch.stack([selection_entropy(mo.indices, n_routed) for mo in layers]).mean()
-    m["competing_layers"] = torch.tensor(sum(mo.competed for mo in layers))
     return m
 
 
@@ -38,7 +39,7 @@ def step_metrics(micro: list[dict[str, torch.Tensor]], grad_norm: torch.Tensor, 
     for k in micro[0]:
         vals = [float(mm[k]) for mm in micro if k in mm]
         m[k] = sum(vals) / len(vals)
-    m["competing_layers"] = int(micro[0]["competing_layers"])
+    m["competing_layers"] = int(micro[0]["competing_layers"])   # the Trainer reports the window's sum instead
     return m
 
 

@@ -3,7 +3,7 @@
     model, cfg, tokenizer = load_trained("runs/tiny")   # newest good checkpoint, eval mode
 
 Evaluation, export and analysis load models from here (not from the training loop); the loop uses the
-same `check_same_model` / `load_weights` to resume.
+same `check_resumable` / `load_weights` to resume.
 """
 from __future__ import annotations
 
@@ -15,14 +15,17 @@ import torch
 import yaml
 
 from ..config import ConfigError, flatten
+from ..files import atomic_write
 from ..model import MoETransformer
 from . import checkpoint as ckpt
 from .config import RunConfig
 
-# Besides the model, what fixes the data order and the schedule of a run: a checkpoint only continues a
-# run that agrees on these.
-RESUME_TRAIN_KEYS = ("train.steps", "train.batch_size", "train.grad_accum", "train.seed")
-
+# What a resumed run may change: how it is watched, evaluated and saved, and where and how it runs; not
+# what it computes. `train.steps` may change too, as the explicit "train longer" (see `Trainer._restore`).
+RESUME_MAY_CHANGE = ("train.out_dir", "train.log_every", "train.eval_every", "train.eval_batches", "train.ckpt_every",
+                     "train.keep_last", "train.tensorboard", "train.device", "train.compile", "train.parallel",
+                     "train.expert_parallel", "train.activation_checkpointing", "train.nan_policy",
+                     "train.max_nan_skips", "data.cache_dir", "data.progress", "model.backend", "model.moe.backend")
 
 def resolve_device(name: str) -> torch.device:
     """`auto`: CUDA where available, else CPU; otherwise the named device."""
@@ -43,15 +46,23 @@ def check_same_config(cfg: RunConfig, saved: str | dict, problem: str, keys: Ite
         raise ConfigError(f"{problem}:\n  " + "\n  ".join(diffs))
 
 
-def check_same_model(cfg: RunConfig, saved_yaml: str, path) -> None:
-    """A checkpoint only continues the run it came from: model and data-order settings must match."""
-    keys = [k for k in flatten(cfg.to_dict()) if k.startswith("model.")] + list(RESUME_TRAIN_KEYS)
-    check_same_config(cfg, saved_yaml, f"checkpoint {path} comes from another config", keys, saved_as="checkpoint")
+def check_resumable(cfg, saved_yaml: str, path) -> None:
+    """A checkpoint only continues the run it came from: every setting but `RESUME_MAY_CHANGE` and
+    `train.steps` must be the saved one."""
+    keys = [k for k in flatten(cfg.to_dict()) if k not in RESUME_MAY_CHANGE and k != "train.steps"]
+    check_same_config(cfg, saved_yaml, f"checkpoint {path} comes from another config (a resume may change only "
+                      f"{', '.join(k for k in RESUME_MAY_CHANGE if k != 'model.moe.backend')} and train.steps)",
+                      keys, saved_as="checkpoint")
+
+def tied_names(model: torch.nn.Module) -> set[str]:
+    """Names of parameters that are another parameter (tied embeddings): checkpoints store each tensor once."""
+    every = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    return every - {n for n, _ in model.named_parameters()}
 
 
 def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path) -> None:
     """Load a checkpoint's tensors into `model`, refusing any missing, unexpected or reshaped one."""
-    tied = {"head.weight"} if getattr(model.cfg, "tie_embeddings", False) else set()
+    tied = tied_names(model)
     expected = set(model.state_dict())
     missing = expected - set(tensors) - tied
     unexpected = set(tensors) - expected
@@ -76,6 +87,18 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", log=print
     return model.eval(), cfg, Tokenizer.from_file(str(tok_path))
 
 
+def saved_run_config(out: str | Path | None, name: str = "config.yaml") -> dict | None:
+    """The config a run folder was trained with, for `--resume` without the original flags: the newest good
+    checkpoint's `name`, else the run folder's own (None when there is neither)."""
+    if out is None:
+        return None
+    found = ckpt.latest_good(Path(out) / "checkpoints", log=lambda *_: None)
+    for folder in ([found] if found is not None else []) + [Path(out)]:
+        if (folder / name).is_file():
+            return yaml.safe_load((folder / name).read_text())
+    return None
+
+
 def dump_summary(summary: dict, out_dir: Path) -> None:
     """`RUN/summary.json`: the final numbers of a finished run."""
-    (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+    atomic_write(Path(out_dir) / "summary.json", json.dumps(summary, indent=1))

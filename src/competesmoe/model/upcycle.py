@@ -75,7 +75,8 @@ class UpcycleConfig(Config):
                                                                   zloss_coef=0.001))
 
     def validate(self) -> None:
-        check(isinstance(self.experts, int) and self.experts >= 1, f"experts must be an integer >= 1, got {self.experts!r}")
+        check(isinstance(self.experts, int) and self.experts >= 2,   # one expert is the dense MLP, not an MoE
+              f"experts must be an integer >= 2 (an MoE), got {self.experts!r}")
         check(isinstance(self.top_k, int) and 1 <= self.top_k <= self.experts,
               f"top_k must be an integer in [1, experts={self.experts}], got {self.top_k!r}")
         check_choice("router", self.router, ROUTERS)

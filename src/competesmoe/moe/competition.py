@@ -97,10 +97,18 @@ def winner_weights(a_TK: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def distillation_loss(logits_TN: torch.Tensor, target_TN: torch.Tensor, winners_TK: torch.Tensor,
-                      alpha: float) -> torch.Tensor:
-    """Eq. (2): MSE(p_R, t) + (α/K) Σ_{j∈I_C} (t_j − p_R,j)², p_R = softmax(h) over all N, t detached."""
+                      alpha: float, router_TK: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Eq. (2): MSE(s_R, t) + (α/K) Σ_{j∈I_C} (t_j − s_R,j)², t detached.
+
+    The router's side s_R: by default the dense softmax over all N logits (the released code's choice);
+    with `router_TK` = (I_R, w_R) the router's own sparse policy of Section 2.1,
+    s_R = σ(TopK_{-∞}(h)): w_R at I_R, 0 elsewhere (gradients reach only the router's top-K logits)."""
     K = winners_TK.shape[-1]
-    p_TN = fp32(logits_TN).softmax(dim=-1)
+    if router_TK is None:
+        p_TN = fp32(logits_TN).softmax(dim=-1)
+    else:
+        idx_TK, w_TK = router_TK
+        p_TN = fp32(logits_TN).new_zeros(logits_TN.shape).scatter(-1, idx_TK, fp32(w_TK))
     t_TN = target_TN.detach().to(p_TN.dtype)
     mse = (p_TN - t_TN).square().mean(dim=-1)
     winners_sq = (t_TN.gather(-1, winners_TK) - p_TN.gather(-1, winners_TK)).square().sum(dim=-1)

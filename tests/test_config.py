@@ -60,3 +60,15 @@ def test_types_are_checked_on_construction_and_from_yaml(tmp_path):
     widened = apply_overrides(MoEConfig(16, 8, 8, 2), {"alpha": 1, "gamma": "2e-3"})
     assert widened.competition.alpha == 1.0 and isinstance(widened.competition.alpha, float)
     assert widened.competition.gamma == 2e-3
+
+
+def test_paper_151m_trains_the_papers_token_budget():
+    """Section 5.1: 7 x 10^9 training tokens; Table 13: 64 sequences per GPU on 4 GPUs; 1,024 tokens per
+    sequence (MoEUT's SlimPajama sweep, lm.unroll)."""
+    from competesmoe.train.config import run_preset
+    cfg = run_preset("paper-151m")
+    seqs = cfg.train.batch_size * cfg.train.grad_accum
+    assert seqs == 64 * 4 and cfg.data.seq_len == 1024
+    tokens = cfg.train.steps * seqs * cfg.data.seq_len
+    assert 7.0e9 <= tokens < 7.0e9 + 256 * 1024                # the first step count reaching 7 B
+    assert cfg.train.steps == 26_703

@@ -7,6 +7,9 @@ router–competition agreement, entropies, top-(K+1) shift) of a run's checkpoin
 
 ECR compares consecutive checkpoints; agreement (router vs competition in analysis mode) is measured
 at every checkpoint; entropies, the load matrix and the top-(K+1) shift use the last checkpoint.
+Any model the project writes can be analysed (`eval.loading.load_any`): pre-training runs, fine-tuning
+runs of Hugging Face models (their checkpoints), upcycled Hugging Face folders (one "checkpoint", no
+ECR; pass a text for the token set: a folder has no validation split) and `competesmoe export` folders.
 """
 from __future__ import annotations
 
@@ -17,26 +20,30 @@ import torch
 
 from ..config import ConfigError
 from ..data import DataError, packed
-from ..train import load_trained, lm_loss
-from ..train.checkpoint import CheckpointError, checkpoints, resolve, step_of
+from ..eval.loading import Loaded, is_upcycled_folder, load_any
+from ..train import lm_loss
+from ..train.checkpoint import CheckpointError, checkpoints, step_of
 from . import metrics
 from .collect import Routings, collect
 from .shift import top_k_shift
 
 
 def checkpoint_paths(items: Sequence[str | Path]) -> list[Path]:
-    """Checkpoint folders, oldest first, from run folders, `checkpoints/` folders or checkpoints."""
+    """Checkpoint folders, oldest first, from run folders, `checkpoints/` folders, checkpoints or model
+    folders (an upcycled Hugging Face folder or a `competesmoe export`: one model, step -1)."""
+    from ..model.hf import is_hf_folder
     found: list[Path] = []
     for item in items:
         p = Path(item)
         if not p.exists():
             raise CheckpointError(f"{p}: no such run or checkpoint folder")
-        if (p / "manifest.json").is_file():
+        if (p / "manifest.json").is_file() or is_upcycled_folder(p) or is_hf_folder(p):
             found.append(p)
             continue
         listed = checkpoints(p / "checkpoints") or checkpoints(p)
         if not listed:
-            raise CheckpointError(f"{p}: holds no checkpoint (expected RUN/checkpoints/step_*)")
+            raise CheckpointError(f"{p}: holds no checkpoint (expected RUN/checkpoints/step_*) and is no model folder "
+                              f"(config.json of an upcycled or exported model)")
         found.extend(listed)
     return sorted(dict.fromkeys(found), key=_step)
 
@@ -47,24 +54,25 @@ def _step(path: Path) -> int:
     return -1 if step is None else step
 
 
-def run_token_set(ckpt: str | Path, max_tokens: int = 4096, text: str | None = None,
-                  log: Callable[[str], None] = print) -> torch.Tensor:
+def run_token_set(ckpt: str | Path | Loaded, max_tokens: int = 4096, text: str | None = None,
+                  log: Callable[[str], None] = print, seq_len: int | None = None) -> torch.Tensor:
     """Fixed analysis sequences [B, seq_len + 1]: the first `max_tokens` tokens of `text` (a file or
-    folder read like training data, encoded with the run's tokenizer) or of the run's validation split."""
+    folder read like training data, encoded with the model's tokenizer) or of the run's validation split.
+    `seq_len` defaults to the run's (a model folder: its context, at most 512)."""
     if max_tokens < 1:
         raise ConfigError(f"the token set needs at least one token (--tokens), got {max_tokens}")
-    _, cfg, tokenizer = load_trained(resolve(ckpt, log=log), log=log)
+    loaded = ckpt if isinstance(ckpt, Loaded) else load_any(ckpt, log=log)
+    seq_len = seq_len or loaded.seq_len
     if text is not None:
         from ..data import encode_documents, read_documents
-        from ..data.tokenizer import eos_id
-        tokens = encode_documents(tokenizer, read_documents(text), eos_id(tokenizer))
+        tokens = encode_documents(loaded.tokenizer, read_documents(text), loaded.eos_id)
     else:
-        from ..data import prepare_data
-        data = prepare_data(cfg.data, log=log)
-        if data.valid is None:
-            raise DataError("the run has no validation split; pass a text file (--data)")
-        tokens = data.valid[: max_tokens + cfg.data.seq_len + 1]
-    return packed(tokens, cfg.data.seq_len, max_tokens)
+        valid = loaded.valid_tokens()
+        if valid is None or len(valid) == 0:
+            raise DataError(f"{loaded.path}: no validation split (a model folder has none, or the run had none); "
+                            f"pass a text file (--data)")
+        tokens = valid[: max_tokens + seq_len + 1]
+    return packed(tokens, seq_len, max_tokens)
 
 
 def _agreement(r: Routings) -> dict[str, Any]:
@@ -84,7 +92,8 @@ def analyze_checkpoints(paths: Sequence[str | Path], seqs_BS1: torch.Tensor, bat
     steps, agree, ecr = [], [], []
     prev: list[torch.Tensor] | None = None
     for path in paths:
-        model, cfg, tokenizer = load_trained(path, device=device, log=log)
+        loaded = load_any(path, device=device, log=log)
+        model = loaded.model
         r = collect(model, seqs_BS1, batch_size, winners=True, device=device)
         step = _step(Path(path))
         steps.append(step)
@@ -95,23 +104,25 @@ def analyze_checkpoints(paths: Sequence[str | Path], seqs_BS1: torch.Tensor, bat
         prev = idx
         log(f"step {step}: ppl {r.ppl:.2f}, agreement {agree[-1]['agreement']:.3f}"
             + (f", ECR {ecr[-1]['ecr']:.3f}" if ecr else ""))
-    m = cfg.model.moe
-    N = m.n_routed
+    m = loaded.moe_summary()
+    N = m["n_experts"]
     final = {"step": steps[-1], "ppl": r.ppl, "loss": r.loss,
              "entropy": [metrics.layer_entropies(l.cat("indices"), l.cat("weights"), l.cat("logits")) for l in r.layers],
              "load": metrics.expert_load(idx, N).tolist()}
     if shift:
-        final["shift"] = shift_effect(model, seqs_BS1, tokenizer, cfg, batch_size, eval_tasks, eval_data,
+        final["shift"] = shift_effect(model, seqs_BS1, loaded, None, batch_size, eval_tasks, eval_data,
                                       eval_limit, device, base_loss=r.loss)
     return {"checkpoints": [str(p) for p in paths], "steps": steps, "tokens": r.tokens,
-            "router": m.router, "n_layers": len(r.layers), "n_experts": N, "top_k": m.k_routed,
+            "router": m["router"], "n_layers": len(r.layers), "n_experts": N, "top_k": m["top_k"],
             "ecr": ecr, "agreement": agree, "final": final}
 
 
 def shift_effect(model, seqs_BS1: torch.Tensor, tokenizer, cfg, batch_size: int = 16,
                  eval_tasks: str | None = None, eval_data: str | None = None, eval_limit: int | None = None,
                  device: str = "cpu", base_loss: float | None = None) -> dict[str, Any]:
-    """Perplexity (and optional zero-shot results) with normal vs top-(K+1)-shifted routing."""
+    """Perplexity (and optional zero-shot results) with normal vs top-(K+1)-shifted routing.
+
+    `tokenizer` may be a `Loaded` (any model the project writes); then `cfg` is not needed."""
     import math
     model.eval()
     if base_loss is None:
@@ -122,10 +133,14 @@ def shift_effect(model, seqs_BS1: torch.Tensor, tokenizer, cfg, batch_size: int 
     out["delta_ppl"] = out["shifted_ppl"] - out["ppl"]
     if eval_tasks:
         from ..eval import evaluate
-        kw = dict(limit=eval_limit, batch_size=batch_size, device=device, max_length=cfg.model.max_seq_len,
-                  progress=False)
-        base = evaluate(model, tokenizer, eval_tasks, eval_data, name="top-K", **kw)
+        if isinstance(tokenizer, Loaded):
+            scored, tok, max_length = tokenizer.eval_model, tokenizer.eval_tokenizer, tokenizer.max_length
+            extra = {"prefix_token_id": tokenizer.eos_id}
+        else:
+            scored, tok, max_length, extra = model, tokenizer, cfg.model.max_seq_len, {}
+        kw = dict(limit=eval_limit, batch_size=batch_size, device=device, max_length=max_length, progress=False, **extra)
+        base = evaluate(scored, tok, eval_tasks, eval_data, name="top-K", **kw)
         with top_k_shift(model):
-            shifted = evaluate(model, tokenizer, eval_tasks, eval_data, name="top-(K+1) shift", **kw)
+            shifted = evaluate(scored, tok, eval_tasks, eval_data, name="top-(K+1) shift", **kw)
         out["zero_shot"] = {"base": base, "shifted": shifted}
     return out

@@ -1,7 +1,8 @@
 """`competesmoe eval MODEL [MODEL ...]`: zero-shot benchmarks (and validation perplexity) as a Table-2 report.
 
-Each MODEL is a checkpoint folder, a run folder (its newest good checkpoint) or a folder written by
-`competesmoe export`; several models give several rows of one table. Writes `results.json` and
+Each MODEL is a checkpoint folder, a run folder (its newest good checkpoint; `train` or `finetune`), a
+folder written by `competesmoe export` or an upcycled Hugging Face folder (`competesmoe upcycle`, a
+fine-tuning run's RUN/hf); several models give several rows of one table. Writes `results.json` and
 `results.md` into `--out` and prints the summary table.
 """
 from __future__ import annotations
@@ -43,31 +44,48 @@ def split_tasks(tasks: str) -> tuple[list[str], bool]:
 
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[Any, Any, Any, int, int]:
-    """(model, tokenizer, RunConfig or None, max_length, eos id) from a checkpoint, run or HF folder."""
+    """(model, tokenizer, RunConfig/FinetuneConfig or None, max_length, eos id) from a checkpoint, run or
+    model folder (`eval.loading.load_any`)."""
     from ..model.hf import is_hf_folder, load_hf
     if is_hf_folder(path):
         model, tok = load_hf(path, device)
         return model, tok, None, model.config.max_position_embeddings, tok.eos_token_id
-    from ..data.tokenizer import eos_id
-    from ..train.runs import load_trained
-    model, cfg, tok = load_trained(path, device=device, log=lambda *_: None)
-    return model, tok, cfg, cfg.model.max_seq_len, eos_id(tok)
+    from .loading import load_any
+    loaded = load_any(path, device=device, log=lambda *_: None)
+    return loaded.eval_model, loaded.eval_tokenizer, loaded.cfg, loaded.max_length, loaded.eos_id
 
 
 def valid_perplexity(model: Any, cfg: Any, batch_size: int, max_batches: int | None = None,
-                     device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Token perplexity on the run's validation split, computed as the trainer computes it (`lm_loss`)."""
-    from ..data import prepare_data
+                     device: str | torch.device = "cpu", loaded: Any = None) -> dict[str, Any]:
+    """Token perplexity on the run's validation split, computed as the trainer computes it (`lm_loss`);
+    for a fine-tuning run (`loaded`) on its own validation split (chat data: the reply tokens only)."""
     from ..train import lm_loss
-    data = prepare_data(cfg.data, log=lambda *_: None)
-    res = lm_loss(model, data.valid_batches(batch_size, max_batches), device)
+    if loaded is not None and loaded.kind == "finetune":
+        from ..data.batches import SequentialBatches
+        valid = loaded.valid_tokens()
+        if valid is None:
+            raise ConfigError(f"{loaded.path}: the fine-tuning run has no validation split")
+        batches = SequentialBatches(valid, loaded.seq_len, batch_size, max_batches)
+        res = lm_loss(loaded.model, batches, device)
+    else:
+        from ..data import prepare_data
+        data = prepare_data(cfg.data, log=lambda *_: None)
+        res = lm_loss(model, data.valid_batches(batch_size, max_batches), device)
     return {"ppl": res.ppl, "nll": res.loss * res.tokens, "tokens": res.tokens, "n": res.tokens}
 
 
 def evaluate_one(path: str, name: str, args: argparse.Namespace, tasks: list[str], want_valid: bool,
                  device: torch.device) -> dict[str, Any]:
     from . import evaluate
-    model, tok, cfg, max_length, eos = load_model(path, str(device))
+    from ..model.hf import is_hf_folder
+    loaded = None
+    if is_hf_folder(path):
+        model, tok, cfg, max_length, eos = load_model(path, str(device))
+    else:
+        from .loading import load_any
+        loaded = load_any(path, device=str(device), log=lambda *_: None)
+        model, tok, cfg, max_length, eos = (loaded.eval_model, loaded.eval_tokenizer, loaded.cfg, loaded.max_length,
+                                            loaded.eos_id)
     if tasks:
         result = evaluate(model, tok, tasks, data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size,
                           name=name, device=device, max_length=max_length, prefix_token_id=eos,
@@ -80,7 +98,7 @@ def evaluate_one(path: str, name: str, args: argparse.Namespace, tasks: list[str
             print(f"warning: {path}: skipping {VALID_TASK} (an exported folder has no data config; pass the "
                   f"training run instead)", file=sys.stderr)
         else:
-            result["tasks"][VALID_TASK] = valid_perplexity(model, cfg, args.batch_size, args.limit, device)
+            result["tasks"][VALID_TASK] = valid_perplexity(model, cfg, args.batch_size, args.limit, device, loaded)
     result["settings"]["model_path"] = str(path)
     return result
 

@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="output folder (a Hugging Face folder)")
     add_spec_arguments(p)
     p.add_argument("--force", action="store_true", help="write into OUT even if it is not empty")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print which modules become MoE layers and the parameter counts (total, active per token), "
+                        "from SRC's config.json alone; nothing is written")
 
 
 def add_spec_arguments(p: argparse.ArgumentParser,
@@ -31,13 +34,17 @@ def add_spec_arguments(p: argparse.ArgumentParser,
     p.add_argument("--experts", type=int, help="experts per MoE layer (N; default 4, the paper's VIT setting)")
     p.add_argument("--top-k", type=int, help="experts per token (K; default 2)")
     p.add_argument("--router", choices=ROUTERS, help="router policy (default competesmoe)")
-    p.add_argument("--layers", help="decoder layers to upcycle: all, or comma-separated indices such as 0,2,4")
+    p.add_argument("--layers", help="layers to upcycle (of the vision encoder and/or decoder): all, or "
+                                    "comma-separated indices such as 0,2,4")
+    p.add_argument("--targets", help="what becomes MoE: comma-separated vision, connector, language (default: "
+                                     "vision,connector for a VLM, as the paper's Table 1 model; language for a causal LM)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help=set_help)
 
 
 def spec_from_args(args: argparse.Namespace, base: UpcycleConfig | None = None) -> UpcycleConfig:
-    flags = {"experts": args.experts, "top_k": args.top_k, "router": args.router, "layers": args.layers}
+    flags = {"experts": args.experts, "top_k": args.top_k, "router": args.router, "layers": args.layers,
+             "targets": getattr(args, "targets", None)}
     spec = apply_overrides(base or UpcycleConfig(), {k: v for k, v in flags.items() if v is not None})
     return apply_overrides(spec, args.overrides)
 
@@ -59,11 +66,18 @@ def upcycle_folder(src: str | Path, out: str | Path, spec: UpcycleConfig, force:
         model.save_pretrained(str(out))
         copy_side_files(src, out)
         n = model.num_parameters()
+    info = getattr(getattr(model, "config", None), "competesmoe", None) or {}
+    targets = info.get("upcycle", {}).get("targets", "language")
     log(f"upcycled {src} -> {out}: {spec.experts} experts, K {spec.top_k}, router {spec.router}, "
-        f"layers {spec.layers} ({n:,} parameters)")
+        f"targets {targets}, layers {spec.layers} ({n:,} parameters)")
     return out
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        from .upcycle_plan import plan
+        spec = spec_from_args(args)
+        print(plan(args.src, spec).report(spec))
+        return 0
     upcycle_folder(args.src, args.out, spec_from_args(args), force=args.force)
     return 0

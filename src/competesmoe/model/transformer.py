@@ -243,6 +243,13 @@ class MoETransformer(nn.Module):
         if not self.cfg.tie_embeddings:
             self.head.reset_parameters()
 
+    def compile(self, *args, **kwargs) -> None:
+        """`torch.compile` every block in place (state_dict keys unchanged). Whether a layer competes is decided
+        outside its block, so the blocks compile to one graph for a routed step and one for a competition step,
+        whichever layers compete; the kernels are custom operators (no graph break inside the MoE layer)."""
+        for block in self.blocks:
+            block.compile(*args, **kwargs)
+
     def num_parameters(self, active: bool = False) -> int:
         total = sum(p.numel() for p in self.parameters())
         if not active:
@@ -261,7 +268,9 @@ class MoETransformer(nn.Module):
         x = self.drop(self.embed(input_ids))
         outs, new_cache = [], []
         for i, block in enumerate(self.blocks):
-            x, out, kv = block(x, pos_S, cache[i] if cache else None, compete)
+            # Decided here, outside the (compiled) block: a bool its graphs specialise on (`compile`).
+            c = block.moe.will_compete(compete)
+            x, out, kv = block(x, pos_S, cache[i] if cache else None, c)
             outs.append(out)
             new_cache.append(kv)
         logits = self.head(self.ln_f(x))

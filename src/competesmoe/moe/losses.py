@@ -11,7 +11,9 @@ import torch
 def switch_loss(logits_TN: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:
     """N · Σ_i f_i P_i; f_i counts all K choices (Σ f = 1), P_i = mean_t softmax(h_t)_i. 1 at balance."""
     N = logits_TN.shape[-1]
-    f_N = torch.bincount(idx_TK.reshape(-1), minlength=N).to(logits_TN.dtype) / idx_TK.numel()
+    flat = idx_TK.reshape(-1)
+    # counts by scatter-add, not bincount: a static shape, so torch.compile traces it without a graph break
+    f_N = logits_TN.new_zeros(N).index_add_(0, flat, torch.ones_like(flat, dtype=logits_TN.dtype)) / flat.numel()
     P_N = logits_TN.softmax(dim=-1).mean(dim=0)
     return N * (f_N * P_N).sum()
 

@@ -61,6 +61,8 @@ def rowwise(fn, x: torch.Tensor, *consts: torch.Tensor, block_elements: int | No
     budget = block_elements or default_block_elements(x.device)   # fn's float32 temporaries: a few times this
     rows = max(1, budget // row)
     with torch.autocast(x.device.type, enabled=False):   # explicit float32 inside fn; same in backward
+        if torch.compiler.is_compiling():   # the compiler plans memory (and recomputation) itself
+            return fn(x, *consts)
         if not (torch.is_grad_enabled() and x.requires_grad):
             return _blocks(fn, rows, x, consts)
         return _RowwiseRecompute.apply(fn, rows, x, *consts)

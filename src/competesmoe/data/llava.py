@@ -1,0 +1,244 @@
+"""LLaVA-format visual instruction data (LLaVA-1.5's `llava_v1_5_mix665k.json`, the paper's VIT data,
+Appendix I.1), encoded with the model's own processor.
+
+A file is a JSON list or JSONL of samples
+
+    {"id": "000001", "image": "coco/train2017/000001.jpg",            # optional; relative to --images DIR
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is in the picture?"},
+                       {"from": "gpt", "value": "A cat."}, ...]}
+
+* roles: "human"/"user" -> user, "gpt"/"assistant" -> assistant, "system" -> system; the conversation is
+  rendered with the tokenizer's chat template (the processor's own when the tokenizer has none);
+* the image is read with Pillow (RGB) and goes through the model's processor, which expands each `<image>`
+  placeholder to as many image tokens as the vision tower yields (LLaVA: (size/patch)², minus CLS for
+  the "default" feature strategy); `aspect="pad"` first pads the image to a square with the processor's
+  mean colour (LLaVA-1.5's `image_aspect_ratio=pad`), `"resize"` lets the processor resize it as it is;
+* the loss is on the assistant replies only: for reply i the targets are the tokens of
+  render(messages[:i+1]) after render(messages[:i], add_generation_prompt=True), as in `data.chat`;
+  every other token has label -100;
+* truncation: a sample longer than `max_length` tokens (the tokenizer's `model_max_length`, or
+  `data.seq_len`) keeps its first `max_length` tokens, as LLaVA does, unless the cut would fall inside
+  an image's tokens (the image features would no longer match): that sample is bad input.
+
+Bad input (a malformed line, no conversations, an unknown role, a missing or unreadable image, a
+`<image>` count that does not match the images, no assistant reply, an image cut by truncation) raises a
+`DataError` naming the sample; with `skip_bad=True` the sample is skipped and counted by reason.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .sources import DataError
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+IMAGE = "<image>"
+
+
+@dataclass
+class VisionSample:
+    """One encoded sample: ids [S], labels [S] (-100: no loss), pixel_values [n_images, 3, H, W] or None."""
+    id: str
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    pixel_values: torch.Tensor | None
+    truncated: bool = False
+
+
+@dataclass
+class VisionData:
+    samples: list[VisionSample]
+    skipped: Counter = field(default_factory=Counter)   # reason -> count (skip_bad)
+    truncated: int = 0
+
+    def summary(self) -> str:
+        bad = sum(self.skipped.values())
+        text = f"{len(self.samples)} samples, {self.truncated} truncated"
+        if bad:
+            text += f", {bad} skipped (" + ", ".join(f"{r}: {n}" for r, n in sorted(self.skipped.items())) + ")"
+        return text
+
+
+class BadSample(DataError):
+    def __init__(self, where: str, reason: str, detail: str) -> None:
+        super().__init__(f"{where}: {detail}")
+        self.reason = reason
+
+
+def read_llava(path: str | Path) -> list[tuple[str, Any]]:
+    """(where, sample object) of a JSON list or JSONL file; a malformed line is (where, BadSample)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not a valid JSON list ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        return [(f"{path}: item {i}", obj) for i, obj in enumerate(items)]
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}: line {n}"
+        try:
+            out.append((where, json.loads(line)))
+        except json.JSONDecodeError as e:
+            out.append((where, BadSample(where, "malformed", f"not valid JSON ({e.msg} at column {e.colno})")))
+    return out
+
+
+def expand_to_square(img: Any, background: tuple[int, ...]) -> Any:
+    """LLaVA-1.5's `expand2square`: the image centred on a square canvas of `background` colour."""
+    from PIL import Image
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    canvas = Image.new(img.mode, (side, side), background)
+    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def _messages(obj: Any, where: str) -> list[dict]:
+    conv = obj.get("conversations") if isinstance(obj, dict) else None
+    if not isinstance(conv, list) or not conv:
+        raise BadSample(where, "empty conversation", "no conversation (expected \"conversations\": [{\"from\": "
+                                                     "\"human\", \"value\": ...}, {\"from\": \"gpt\", ...}])")
+    msgs = []
+    for i, turn in enumerate(conv):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in ROLES:
+            raise BadSample(where, "malformed turn", f"turn {i} needs \"from\" in {sorted(ROLES)} and a string \"value\"")
+        msgs.append({"role": ROLES[turn["from"]], "content": turn["value"]})
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise BadSample(where, "no reply", "no assistant (gpt) turn, so nothing to learn from")
+    return msgs
+
+
+def _load_images(obj: dict, where: str, images: Path | None, aspect: str, background: tuple[int, ...]) -> list:
+    names = obj.get("image")
+    if names is None:
+        return []
+    names = names if isinstance(names, list) else [names]
+    from PIL import Image, UnidentifiedImageError
+    out = []
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise BadSample(where, "malformed image", f"\"image\" must be a file name or a list of them, got {name!r}")
+        path = (images / name) if images is not None else Path(name)
+        if not path.is_file():
+            raise BadSample(where, "missing image", f"image {path} not found" + ("" if images is not None else
+                                                                                   " (pass the image folder: --images DIR)"))
+        try:
+            with Image.open(path) as im:
+                img = im.convert("RGB")
+        except (UnidentifiedImageError, OSError) as e:
+            raise BadSample(where, "unreadable image", f"image {path} cannot be read ({e})") from None
+        out.append(expand_to_square(img, background) if aspect == "pad" else img)
+    return out
+
+
+def _render(processor: Any, msgs: list[dict], gen: bool = False) -> str:
+    tok = processor.tokenizer
+    owner = tok if getattr(tok, "chat_template", None) else processor
+    if getattr(owner, "chat_template", None) is None:
+        raise DataError("neither the tokenizer nor the processor has a chat template: chat data needs one")
+    return owner.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+
+def encode_sample(obj: Any, where: str, processor: Any, images: Path | None = None, max_length: int | None = None,
+                  aspect: str = "pad") -> VisionSample:
+    """One sample through the processor; raises `BadSample` naming it."""
+    if isinstance(obj, BadSample):
+        raise obj
+    if isinstance(obj, dict) and "id" in obj:
+        where = f"sample {obj['id']!r} ({where})"
+    msgs = _messages(obj, where)
+    image_token = getattr(processor, "image_token", IMAGE)
+    background = tuple(int(round(255 * m)) for m in getattr(processor.image_processor, "image_mean", (0.5, 0.5, 0.5)))
+    imgs = _load_images(obj, where, images, aspect, background)
+    n_placeholders = sum(m["content"].count(image_token) for m in msgs)
+    if n_placeholders != len(imgs):
+        raise BadSample(where, "image count", f"{n_placeholders} {image_token} placeholder(s) for {len(imgs)} image(s)")
+    if any(image_token in m["content"] for m in msgs if m["role"] != "user"):
+        raise BadSample(where, "image count", f"{image_token} outside a human turn")
+    text = _render(processor, msgs)
+    enc = processor(images=imgs or None, text=text, return_tensors="pt")
+    ids = enc["input_ids"][0]
+    image_id = processor.image_token_id
+    per_image = int((ids == image_id).sum()) // max(len(imgs), 1)
+    expand = lambda s: s.replace(image_token, image_token * per_image)
+
+    def n_tokens(s: str) -> int:
+        return len(processor.tokenizer(expand(s), add_special_tokens=False)["input_ids"])
+
+    if n_tokens(text) != len(ids):
+        raise DataError(f"{where}: the processor adds tokens around the text (special tokens?); cannot align replies")
+    labels = torch.full_like(ids, -100)
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        start, end = n_tokens(_render(processor, msgs[:i], True)), n_tokens(_render(processor, msgs[:i + 1]))
+        upto = processor.tokenizer(expand(_render(processor, msgs[:i + 1])), add_special_tokens=False)["input_ids"]
+        if ids[:end].tolist() != upto or start > end:
+            raise DataError(f"{where}: the chat template does not render turn {i} as a continuation of the turns "
+                            f"before it, so its reply tokens cannot be located")
+        labels[start:end] = ids[start:end]
+    truncated = max_length is not None and len(ids) > max_length
+    if truncated:
+        if (ids[max_length:] == image_id).any():   # the image features would no longer match its tokens
+            raise BadSample(where, "too long", f"{len(ids)} tokens: truncating to max_length={max_length} would cut "
+                                               f"an image's tokens")
+        ids, labels = ids[:max_length], labels[:max_length]
+    return VisionSample(str(obj.get("id", where)), ids, labels, enc.get("pixel_values"), truncated)
+
+
+def load_llava(path: str | Path, processor: Any, images: str | Path | None = None, max_length: int | None = None,
+               aspect: str = "pad", skip_bad: bool = False) -> VisionData:
+    """Every sample of `path`, encoded; bad ones raise (or, with `skip_bad`, are counted by reason)."""
+    if aspect not in ("pad", "resize"):
+        raise DataError(f"aspect must be 'pad' (LLaVA-1.5) or 'resize', got {aspect!r}")
+    images = Path(images) if images is not None else None
+    if images is not None and not images.is_dir():
+        raise DataError(f"{images}: no such image folder")
+    data = VisionData([])
+    for where, obj in read_llava(path):
+        try:
+            sample = encode_sample(obj, where, processor, images, max_length, aspect)
+        except BadSample as e:
+            if not skip_bad:
+                raise
+            data.skipped[e.reason] += 1
+            continue
+        data.samples.append(sample)
+        data.truncated += sample.truncated
+    if not data.samples:
+        raise DataError(f"{path}: no usable sample" + (f" ({data.summary()})" if data.skipped else ""))
+    return data
+
+
+def collate(samples: list[VisionSample], pad_id: int) -> dict[str, torch.Tensor]:
+    """A right-padded batch: input_ids, attention_mask, labels (-100 on padding), pixel_values (the
+    samples' images in order; None when no sample has one)."""
+    S = max(len(s.input_ids) for s in samples)
+    ids = torch.full((len(samples), S), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), S), -100, dtype=torch.long)
+    mask = torch.zeros((len(samples), S), dtype=torch.long)
+    for b, s in enumerate(samples):
+        n = len(s.input_ids)
+        ids[b, :n], labels[b, :n], mask[b, :n] = s.input_ids, s.labels, 1
+    pix = [s.pixel_values for s in samples if s.pixel_values is not None]
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if pix:
+        out["pixel_values"] = torch.cat(pix)
+    return out
+
+
+__all__ = ["VisionSample", "VisionData", "BadSample", "read_llava", "encode_sample", "load_llava", "collate",
+           "expand_to_square", "ROLES"]

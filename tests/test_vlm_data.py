@@ -1,0 +1,165 @@
+"""LLaVA-format data (data/llava.py): sample by sample against token lists and images built by hand."""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+from competesmoe.data.llava import BadSample, collate, encode_sample, load_llava
+from competesmoe.data.sources import DataError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+WORDS = "what colour is the square circle triangle red green blue how many left of yes no two one".split()
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+PATCHES = 25     # (30 / 6)² image tokens, SigLIP keeps every patch ("full")
+
+
+@pytest.fixture(scope="module")
+def processor():
+    from competesmoe.data.tokenizer import train_bpe
+    from competesmoe.model.hf import hf_tokenizer
+    tok = hf_tokenizer(train_bpe([" ".join(WORDS)] * 20, 200))
+    tok.add_special_tokens({"additional_special_tokens": ["<image>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]})
+    tok.chat_template = TEMPLATE
+    image_processor = transformers.SiglipImageProcessorPil(size={"height": 30, "width": 30})
+    return transformers.LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=6,
+                                       vision_feature_select_strategy="full")
+
+
+def _ids(proc, text):
+    return proc.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _special(proc, name):
+    return proc.tokenizer.convert_tokens_to_ids(name)
+
+
+def _image(path, w, h, seed=0):
+    rgb = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(path)
+    return rgb
+
+
+def test_sample_with_an_image_token_by_token(processor, tmp_path):
+    rgb = _image(tmp_path / "a.png", 40, 20)
+    obj = {"id": "s1", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nwhat colour is the square"}, {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "how many circle"}, {"from": "gpt", "value": "two"}]}
+    s = encode_sample(obj, "x", processor, tmp_path, aspect="pad")
+    user, asst, end, img = (_special(processor, t) for t in ("<|user|>", "<|assistant|>", "<|end|>", "<image>"))
+    turn1 = [user] + [img] * PATCHES + _ids(processor, "\nwhat colour is the square") + [end]
+    reply1 = _ids(processor, "red") + [end]
+    turn2 = [user] + _ids(processor, "how many circle") + [end]
+    reply2 = _ids(processor, "two") + [end]
+    expected = turn1 + [asst] + reply1 + turn2 + [asst] + reply2
+    assert s.input_ids.tolist() == expected
+    labels = [-100] * (len(turn1) + 1) + reply1 + [-100] * (len(turn2) + 1) + reply2
+    assert s.labels.tolist() == labels
+    # "pad": centred on a 40x40 canvas of the processor's mean colour (0.5 -> 128), then the processor
+    canvas = np.full((40, 40, 3), 128, dtype=np.uint8)
+    canvas[10:30, :, :] = rgb
+    ref = processor.image_processor(Image.fromarray(canvas), return_tensors="pt")["pixel_values"]
+    assert torch.equal(s.pixel_values, ref)
+    plain = encode_sample(obj, "x", processor, tmp_path, aspect="resize").pixel_values
+    assert torch.equal(plain, processor.image_processor(Image.fromarray(rgb), return_tensors="pt")["pixel_values"])
+
+
+def test_text_only_sample_and_system_turn(processor, tmp_path):
+    obj = {"id": 7, "conversations": [{"from": "system", "value": "yes"}, {"from": "human", "value": "what"},
+                                      {"from": "gpt", "value": "no"}]}
+    s = encode_sample(obj, "x", processor)
+    sys_, user, asst, end = (_special(processor, t) for t in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"))
+    prompt = [sys_] + _ids(processor, "yes") + [end, user] + _ids(processor, "what") + [end, asst]
+    assert s.input_ids.tolist() == prompt + _ids(processor, "no") + [end]
+    assert s.labels.tolist() == [-100] * len(prompt) + _ids(processor, "no") + [end]
+    assert s.pixel_values is None
+
+
+def _write(path, rows, jsonl=True):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) if jsonl else json.dumps(rows))
+    return path
+
+
+def test_json_list_and_jsonl_read_the_same(processor, tmp_path):
+    _image(tmp_path / "a.png", 30, 30)
+    rows = [{"id": str(i), "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nwhat"},
+                                                               {"from": "gpt", "value": WORDS[i]}]} for i in range(3)]
+    a = load_llava(_write(tmp_path / "d.jsonl", rows), processor, tmp_path)
+    b = load_llava(_write(tmp_path / "d.json", rows, jsonl=False), processor, tmp_path)
+    assert [s.input_ids.tolist() for s in a.samples] == [s.input_ids.tolist() for s in b.samples]
+    assert len(a.samples) == 3 and a.summary() == "3 samples, 0 truncated"
+
+
+BAD = [
+    ("malformed", "not valid JSON"),
+    ({"id": "e", "conversations": []}, "no conversation"),
+    ({"id": "r", "conversations": [{"from": "bot", "value": "x"}]}, "turn 0 needs \"from\""),
+    ({"id": "m", "image": "missing.png", "conversations": [{"from": "human", "value": "<image>\nx"},
+                                                            {"from": "gpt", "value": "y"}]}, "missing.png not found"),
+    ({"id": "u", "image": "junk.png", "conversations": [{"from": "human", "value": "<image>\nx"},
+                                                         {"from": "gpt", "value": "y"}]}, "cannot be read"),
+    ({"id": "c", "image": "a.png", "conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]},
+     "0 <image> placeholder(s) for 1 image(s)"),
+    ({"id": "d", "conversations": [{"from": "human", "value": "<image>\nx"}, {"from": "gpt", "value": "y"}]},
+     "1 <image> placeholder(s) for 0 image(s)"),
+    ({"id": "n", "conversations": [{"from": "human", "value": "x"}]}, "no assistant (gpt) turn"),
+]
+
+
+@pytest.mark.parametrize("bad,message", BAD)
+def test_bad_input_names_the_sample(processor, tmp_path, bad, message):
+    _image(tmp_path / "a.png", 30, 30)
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    good = {"id": "ok", "conversations": [{"from": "human", "value": "what"}, {"from": "gpt", "value": "no"}]}
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(good) + "\n" + (bad if isinstance(bad, str) else json.dumps(bad)) + "\n")
+    with pytest.raises(DataError, match=re.escape(message)) as err:
+        load_llava(path, processor, tmp_path)
+    name = "line 2" if isinstance(bad, str) else f"sample {bad['id']!r}"
+    assert name in str(err.value) and str(path) in str(err.value)
+    data = load_llava(path, processor, tmp_path, skip_bad=True)
+    assert len(data.samples) == 1 and sum(data.skipped.values()) == 1 and "1 skipped" in data.summary()
+
+
+def test_truncation_keeps_the_start_and_refuses_to_cut_an_image(processor, tmp_path):
+    _image(tmp_path / "a.png", 30, 30)
+    obj = {"id": "t", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nwhat colour"},
+                                                          {"from": "gpt", "value": "red green blue"}]}
+    full = encode_sample(obj, "x", processor, tmp_path)
+    cut = encode_sample(obj, "x", processor, tmp_path, max_length=len(full.input_ids) - 2)
+    assert cut.truncated and torch.equal(cut.input_ids, full.input_ids[:-2]) and torch.equal(cut.labels, full.labels[:-2])
+    with pytest.raises(BadSample, match="would cut an image's tokens"):
+        encode_sample(obj, "x", processor, tmp_path, max_length=10)
+
+
+def test_batch_goes_through_a_llava_model_loss_on_replies_only(processor, tmp_path):
+    _image(tmp_path / "a.png", 50, 30, seed=1)
+    _image(tmp_path / "b.png", 30, 50, seed=2)
+    rows = [{"id": "a", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nwhat colour"},
+                                                            {"from": "gpt", "value": "red"}]},
+            {"id": "b", "conversations": [{"from": "human", "value": "how many"}, {"from": "gpt", "value": "two one"}]},
+            {"id": "c", "image": "b.png", "conversations": [{"from": "human", "value": "is the square left of <image>"},
+                                                            {"from": "gpt", "value": "yes"}]}]
+    data = load_llava(_write(tmp_path / "d.jsonl", rows), processor, tmp_path)
+    batch = collate(data.samples, pad_id=0)
+    assert batch["pixel_values"].shape == (2, 3, 30, 30)
+    text = transformers.LlamaConfig(vocab_size=len(processor.tokenizer), hidden_size=32, intermediate_size=48,
+                                    num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    vision = transformers.SiglipVisionConfig(hidden_size=24, intermediate_size=40, num_hidden_layers=1,
+                                             num_attention_heads=4, image_size=30, patch_size=6)
+    model = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=processor.image_token_id,
+        vision_feature_select_strategy="full", vision_feature_layer=-1)).eval()
+    with torch.no_grad():
+        out = model(**batch)
+    logits, labels = out.logits[:, :-1].double(), batch["labels"][:, 1:]
+    keep = labels != -100
+    ref = torch.nn.functional.cross_entropy(logits[keep], labels[keep])
+    assert int(keep.sum()) == sum(len(_ids(processor, r["conversations"][1]["value"])) + 1 for r in rows)
+    assert abs(out.loss.item() - ref.item()) < 1e-5

@@ -18,3 +18,5 @@ spec="."
 pin=(-c constraints.txt)
 [ "${COMPETESMOE_UNPINNED:-0}" = 1 ] && pin=()
 "$VPY" -m pip install -q "${pin[@]}" -e "$spec"
+# a pinned install must give the locked set (an environment that drifted would hide a broken fresh install)
+[ "${COMPETESMOE_UNPINNED:-0}" = 1 ] || "$VPY" .ci/check_lock.py

@@ -1,5 +1,6 @@
 """The install path: bounded dependency ranges, and a lock (constraints.txt) that install.sh uses and that
-satisfies those ranges, so a fresh install gets the tested set."""
+satisfies those ranges, so a fresh install gets the tested set. Whether this environment *is* the locked
+set is checked by install.sh (`.ci/check_lock.py`), not here: the suite passes on any version in range."""
 from __future__ import annotations
 
 import re
@@ -54,20 +55,25 @@ def test_install_script_and_ci_use_the_lock():
     assert "bash install.sh test" in readme and "pytest" in readme
 
 
-def test_installed_versions_are_the_locked_ones():
-    """What this environment runs is what the lock says (a drifted environment would hide a broken fresh
-    install). Extras that are not installed here are skipped item by item, not the test."""
-    from importlib.metadata import PackageNotFoundError, version
-    locked = pins()
-    checked = 0
-    for req in requirements():
-        name = canonicalize_name(req.name)
-        if name == "torch":
-            continue
-        try:
-            installed = Version(version(req.name))
-        except PackageNotFoundError:
-            continue
-        assert installed == locked[name], f"{req.name}: installed {installed}, locked {locked[name]}"
-        checked += 1
-    assert checked >= 8  # the core dependencies at least
+def test_lock_check_of_install_sh_reports_each_drifted_package():
+    """The lock check runs in install.sh (and so in CI), not in the suite, which must pass on every version the
+    ranges allow; here it is checked on a made-up environment."""
+    import importlib.util
+    from importlib.metadata import PackageNotFoundError
+    spec = importlib.util.spec_from_file_location("check_lock", ROOT / ".ci" / "check_lock.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    locked = {canonicalize_name(k): str(v) for k, v in pins().items()}
+    assert check.pins() == locked
+    assert check.declared() == sorted({canonicalize_name(r.name) for r in requirements()})
+
+    def env(drift):
+        def installed(name):
+            if name == "scipy":
+                raise PackageNotFoundError(name)          # an extra that is not installed: skipped
+            return drift.get(name, locked.get(name, "0"))
+        return installed
+    assert check.differences(installed=env({})) == []
+    assert check.differences(installed=env({"numpy": "1.26.0", "pyyaml": "6.0.1"})) == [
+        f"numpy: installed 1.26.0, locked {locked['numpy']}", f"pyyaml: installed 6.0.1, locked {locked['pyyaml']}"]
+    assert ".ci/check_lock.py" in (ROOT / "install.sh").read_text()

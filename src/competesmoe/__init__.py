@@ -5,9 +5,12 @@ from .moe import (MoE, MoEOutput, CompetitionSchedule, attach_schedule, moe_laye
 
 __version__ = "0.1.0"
 
-# Registers the model types "competesmoe" and "competesmoe_upcycled" with transformers' Auto classes, so
-# that `AutoModelForCausalLM.from_pretrained(folder)` works after `import competesmoe`.
-from .model import hf as _hf, upcycle as _upcycle  # noqa: E402,F401
+# The model types "competesmoe" and "competesmoe_upcycled" join transformers' Auto classes, so that
+# `AutoModelForCausalLM.from_pretrained(folder)` works after `import competesmoe`; without importing
+# transformers here (it registers when transformers is imported, before or after this).
+from ._hf_registration import register_when_transformers_is_imported  # noqa: E402
+
+register_when_transformers_is_imported()
 __all__ = ["MoE", "MoEConfig", "MoEOutput", "RouterConfig", "CompetitionConfig", "LossConfig",
            "ScheduleConfig", "CompetitionSchedule", "attach_schedule", "on_optimizer_step", "moe_layers",
            "apply_overrides", "ConfigError"]

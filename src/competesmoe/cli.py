@@ -3,12 +3,14 @@
 Each command lives in its own module, which defines `add_arguments(parser)` and `main(args) -> int`.
 Modules are imported only when their command runs, so `competesmoe --help` stays fast. A
 `CompeteSMoEError` (bad input) becomes one line on stderr and exit code 1; other exceptions keep
-their traceback.
+their traceback. Under torchrun every rank exits 1 and only rank 0 prints the line (torchrun then adds
+its own summary of the failed workers).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .errors import CompeteSMoEError
@@ -42,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.main(args) or 0)
     except CompeteSMoEError as e:  # bad input: one line; anything else is a bug and keeps its traceback
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":   # under torchrun every rank fails alike: rank 0 says it once
+            print(f"error: {e}", file=sys.stderr)
         return 1
 
 

@@ -43,12 +43,30 @@ def auto_class(config: Any):
 
 
 def load_dense_hf(src: str | Path, device: str = "cpu"):
+    """A Hugging Face model from a local folder or a hub name; UpcycleError (one line) when `src` is not one."""
     from transformers import AutoConfig
+    where = _not_a_model(src)
+    if where:
+        raise UpcycleError(f"{src}: {where} (expected a Hugging Face model folder or hub name, a competesmoe "
+                           f"export, or a run/checkpoint folder)")
     try:
         config = AutoConfig.from_pretrained(str(src))
         return auto_class(config).from_pretrained(str(src), dtype="auto").to(device)
-    except OSError as e:  # no such folder, no config.json, unreadable weights, or no network for a hub name
-        raise UpcycleError(f"{src}: cannot load a Hugging Face model ({e})") from e
+    except (OSError, ValueError, KeyError) as e:  # unreadable config or weights, unknown type, no network for a hub name
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UpcycleError(f"{src}: cannot load a Hugging Face model ({first})") from None
+
+
+def _not_a_model(src: str | Path) -> str | None:
+    """Why a local `src` cannot be a model (None when it may be one, or may be a hub name)."""
+    p = Path(src).expanduser()
+    if p.is_file():
+        return "a file, not a model folder"
+    if p.is_dir():
+        return None if (p / "config.json").is_file() else "not a model folder (no config.json)"
+    if str(src).startswith(("/", ".", "~")) or str(src).count("/") > 1:
+        return "no such folder"
+    return None
 
 
 def copy_side_files(src: str | Path, out: Path) -> list[str]:

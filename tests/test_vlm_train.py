@@ -1,0 +1,149 @@
+"""The three VLM stages (train/vlm.py): presets as Table 10, freezing by module group (frozen weights
+unchanged and absent from the optimizer), the VIT stage upcycled and trained with the competition, and a
+bit-exact resume. A tiny LLaVA (SigLIP + Llama) and a tiny processor, images from Pillow."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+from transformers.utils import logging as hf_logging
+
+import competesmoe  # noqa: F401
+from competesmoe import moe_layers
+from competesmoe.train.vlm import VLM_PRESETS, freeze, load_vlm, make_trainer, param_groups, prepare, vlm_preset
+
+hf_logging.set_verbosity_error()
+pytestmark = pytest.mark.usefixtures("one_thread")
+WORDS = "what colour is the square circle triangle red green blue how many left of yes no two one".split()
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def tiny_processor():
+    from competesmoe.data.tokenizer import train_bpe
+    from competesmoe.model.hf import hf_tokenizer
+    tok = hf_tokenizer(train_bpe([" ".join(WORDS)] * 20, 200))
+    tok.add_special_tokens({"additional_special_tokens": ["<image>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]})
+    tok.chat_template = TEMPLATE
+    return transformers.LlavaProcessor(image_processor=transformers.SiglipImageProcessorPil(size={"height": 30, "width": 30}),
+                                       tokenizer=tok, patch_size=6, vision_feature_select_strategy="full",
+                                       chat_template=TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def vlm_folder(tmp_path_factory):
+    """A dense tiny LLaVA with its processor, and 12 samples of LLaVA-format data with images."""
+    root = tmp_path_factory.mktemp("vlm")
+    proc = tiny_processor()
+    text = transformers.LlamaConfig(vocab_size=len(proc.tokenizer), hidden_size=32, intermediate_size=48,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                    max_position_embeddings=128)
+    vision = transformers.SiglipVisionConfig(hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+                                             num_attention_heads=4, image_size=30, patch_size=6)
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=proc.image_token_id,
+        vision_feature_select_strategy="full", vision_feature_layer=-1))
+    model.save_pretrained(root / "dense")
+    proc.save_pretrained(root / "dense")
+    (root / "images").mkdir()
+    rows, rng = [], np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
+        rows.append({"id": str(i), "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nwhat colour is the square"}, {"from": "gpt", "value": WORDS[7 + i % 3]}]})
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_presets_are_table_10():
+    pt, pft, vit = (VLM_PRESETS[n] for n in ("vlm-pt", "vlm-pft", "vlm-vit"))
+    assert (pt.lr, pt.batch_size, pt.grad_accum, pt.groups, pt.upcycle) == (1e-3, 64, 4, ["connector"], False)
+    assert (pft.lr, pft.batch_size, pft.groups, pft.upcycle) == (2e-6, 6, ["vision", "connector", "language"], False)
+    assert (vit.lr, vit.batch_size, vit.upcycle, vit.max_length) == (4e-6, 5, True, 2048)
+    m = vit.model
+    assert (m.experts, m.top_k, m.targets, m.losses.balance_coef, m.losses.zloss_coef) == (4, 2, "vision,connector", 0.01, 0.001)
+    assert (vit.schedule.omega, vit.schedule.a_max, vit.schedule.warmup) == (0.07, 9, 0.05)
+    with pytest.raises(Exception, match="trainable must be"):
+        vlm_preset("vlm-pt", {"trainable": "vision,head"})
+
+
+def _samples(folder, proc, stage):
+    from competesmoe.data.llava import load_llava
+    return load_llava(folder / "data.jsonl", proc, folder / "images", max_length=stage.max_length).samples
+
+
+def _small(name, **extra):
+    return vlm_preset(name, {"batch_size": 2, "grad_accum": 2, "steps": 3, "save_steps": 100, "precision": "fp32",
+                             "logging_steps": 1, **extra})
+
+
+def test_pt_trains_the_connector_only(vlm_folder, tmp_path):
+    stage = _small("vlm-pt")
+    model, proc = load_vlm(vlm_folder / "dense")
+    model = prepare(stage, model, log=lambda *_: None)
+    groups = param_groups(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = make_trainer(stage, model, proc, _samples(vlm_folder, proc, stage), tmp_path / "pt")
+    trainer.train()
+    in_opt = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    for group, params in groups.items():
+        for name, p in params:
+            if group == "connector":
+                assert id(p) in in_opt
+            else:
+                assert id(p) not in in_opt and torch.equal(p.detach(), before[name]), name
+    assert all(not torch.equal(p.detach(), before[n]) for n, p in groups["connector"])
+
+
+def test_freeze_counts_every_parameter_once(vlm_folder):
+    model, _ = load_vlm(vlm_folder / "dense")
+    counts = freeze(model, ["vision", "language"])
+    assert counts["vision"] + counts["connector"] + counts["language"] == sum(p.numel() for p in model.parameters())
+    assert counts["trainable"] == counts["vision"] + counts["language"]
+    assert all(not p.requires_grad for p in model.model.multi_modal_projector.parameters())
+
+
+def _vit_run(vlm_folder, out, steps, resume=False, save_steps=100):
+    stage = _small("vlm-vit", steps=steps, save_steps=save_steps, lr=1e-2, **{"model.router": "competesmoe"},
+                   **{"schedule.omega": 0.5, "schedule.a_max": 2, "schedule.warmup": 0.0})
+    model, proc = load_vlm(vlm_folder / "dense")
+    model = prepare(stage, model, log=lambda *_: None)
+    trainer = make_trainer(stage, model, proc, _samples(vlm_folder, proc, stage), out)
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    return trainer, model
+
+
+def test_vit_upcycles_competes_and_resumes_bit_exactly(vlm_folder, tmp_path):
+    trainer, full = _vit_run(vlm_folder, tmp_path / "a", steps=4, save_steps=2)
+    layers = moe_layers(full)
+    assert len(layers) == 3 and full.config.competesmoe["upcycle"]["targets"] == "vision,connector"
+    assert layers[0].schedule is not None and layers[0].schedule.step == 4
+    assert any(r.get("loss") is not None for r in trainer.state.log_history)
+    # interrupted after step 2 (checkpoint-2), then resumed: the same weights at step 4, bit for bit
+    import shutil
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "b" / "checkpoint-2")
+    _, resumed = _vit_run(vlm_folder, tmp_path / "b", steps=4, save_steps=2, resume=True)
+    a, b = full.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, diff[:5]
+
+
+def test_stage_command_pt_then_vit(vlm_folder, tmp_path, capsys):
+    from competesmoe.train.vlm import main
+    small = ["--set", "batch_size=2", "--set", "grad_accum=1", "--set", "steps=2", "--set", "precision=fp32"]
+    data = ["--data", str(vlm_folder / "data.jsonl"), "--images", str(vlm_folder / "images")]
+    assert main(["vlm-pt", str(vlm_folder / "dense"), *data, "--out", str(tmp_path / "pt"), *small]) == 0
+    assert main(["vlm-vit", str(tmp_path / "pt" / "final"), *data, "--out", str(tmp_path / "vit"), *small]) == 0
+    model, _ = load_vlm(tmp_path / "vit" / "final")
+    assert len(moe_layers(model)) == 3                    # 2 vision layers + the connector
+    capsys.readouterr()
+    assert main(["vlm-pt", str(vlm_folder / "dense"), "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "none.jsonl: no such file" in err

@@ -38,7 +38,7 @@ def test_voronoi_of_a_known_perturbation():
     v = R.recovery_voronoi(p, torch.tensor([0.5, 0.5], dtype=torch.float64), p, w)
     assert v.weight_term == pytest.approx(0.1 + 0.1) and v.loss == pytest.approx(0.2)
     # an expert never chosen (weight 0) adds nothing but shares a cell
-    v = R.recovery_voronoi(torch.stack([p[0], p[1], p[1] + delta]), torch.tensor([0.4, 0.6, 0.0]), p, w)
+    v = R.recovery_voronoi(torch.stack([p[0], p[1], p[1] + delta]), torch.tensor([0.4, 0.6, 0.0], dtype=torch.float64), p, w)
     assert v.loss == pytest.approx(0.0, abs=1e-12) and v.sizes == [1, 2]
 
 

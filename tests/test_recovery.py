@@ -89,3 +89,11 @@ def test_ideal_student_routes_by_competition_when_used():
     assert R.student_forward(ideal, "ideal")(x).competed
     smoe = R.train_student("smoe", teacher, x, y, cfg, seed=0)
     assert not R.student_forward(smoe, "smoe")(x).competed
+
+
+def test_recovery_command(tmp_path):
+    from competesmoe.cli import main
+    rc = main(["recovery", "--teachers", "softmax", "--students", "smoe,competesmoe:0.5", "--sizes", "40,80",
+               "--seeds", "2", "--steps", "2", "--test-size", "100", "--bootstrap", "100", "--out", str(tmp_path)])
+    assert rc == 0
+    assert {p.name for p in tmp_path.iterdir()} == {"expert-recovery.md", "expert-recovery.json", "expert-recovery.png"}

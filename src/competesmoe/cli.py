@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "analyze": ("competesmoe.analysis.cli", "routing analysis: ECR, agreement, entropy, top-(K+1) shift"),
     "compare": ("competesmoe.analysis.compare", "train several routers under identical settings and tabulate"),
     "theory": ("competesmoe.theory.cli", "simulate the convergence rates of Section 3"),
+    "recovery": ("competesmoe.theory.recovery", "expert recovery of the real MoE layer against the sample size"),
     "upcycle": ("competesmoe.train.upcycle_cli", "turn a dense model (Hugging Face or model.dense) into an MoE"),
     "finetune": ("competesmoe.train.finetune_cli", "fine-tune an upcycled (or dense, upcycled first) model with any router"),
 }

@@ -366,21 +366,21 @@ def write_outputs(result: dict, out_dir, stem: str = "expert-recovery") -> dict:
     return paths
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
+def add_arguments(p) -> None:
     d = RecoveryConfig()
-    p = argparse.ArgumentParser(prog="python -m competesmoe.theory.recovery", description=__doc__.splitlines()[0])
-    p.add_argument("--teachers", default=",".join(d.teachers))
-    p.add_argument("--students", default=",".join(d.students))
-    p.add_argument("--sizes", default=",".join(map(str, d.sizes)))
+    p.add_argument("--teachers", default=",".join(d.teachers), help="competition, softmax (comma-separated)")
+    p.add_argument("--students", default=",".join(d.students), help="smoe, ideal, competesmoe:OMEGA (comma-separated)")
+    p.add_argument("--sizes", default=",".join(map(str, d.sizes)), help="sample sizes n (comma-separated)")
     for name in ("n_true", "n_experts", "d_model", "d_expert", "seeds", "seed", "teacher_seed", "steps",
                  "test_size", "bootstrap", "threads"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("noise", "lr", "init_noise"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     p.add_argument("--init", choices=("truth", "random"), default=d.init)
-    p.add_argument("--out", default="runs/recovery")
-    a = p.parse_args(argv)
+    p.add_argument("--out", default="runs/recovery", help="folder for expert-recovery.{md,json,png}")
+
+
+def main(a) -> int:
     cfg = RecoveryConfig(teachers=a.teachers.split(","), students=a.students.split(","),
                          sizes=[int(v) for v in a.sizes.split(",")], init=a.init,
                          **{k: getattr(a, k) for k in ("n_true", "n_experts", "d_model", "d_expert", "seeds", "seed",
@@ -394,4 +394,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    import argparse
+    _p = argparse.ArgumentParser(prog="python -m competesmoe.theory.recovery", description=__doc__.splitlines()[0])
+    add_arguments(_p)
+    raise SystemExit(main(_p.parse_args()))

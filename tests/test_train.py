@@ -120,6 +120,95 @@ def test_checkpoint_from_another_config_is_a_clear_error(tmp_path):
         Trainer(small_cfg(tmp_path, "run", "train.steps=2"))          # never silently overwritten
 
 
+def _main(*argv) -> int:
+    from competesmoe.cli import main
+    return main(list(argv))
+
+
+def _sets(tmp_path, *extra) -> list[str]:
+    return [a for o in SMALL + [f"data.cache_dir={tmp_path / 'cache'}", *extra] for a in ("--set", o)]
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_continues_the_run_as_saved_and_refuses_other_settings(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    assert _main("train", "--out", run, "--steps", "6", *_sets(tmp_path, "train.ckpt_every=3", "train.eval_every=3")) == 0
+    final = final_weights(tmp_path / "run")
+    import shutil
+    shutil.rmtree(ckpt.checkpoints(tmp_path / "run" / "checkpoints")[-1])
+    capsys.readouterr()
+    # no flags: the run's own config (the tiny preset's would be another model and 300 steps)
+    assert _main("train", "--out", run, "--resume") == 0, capsys.readouterr().err
+    assert "resumed from" in capsys.readouterr().out
+    again = final_weights(tmp_path / "run")
+    assert all(torch.equal(final[k], again[k]) for k in final)             # exact resume
+    # what may change does; anything else is refused, naming the setting, and changes nothing
+    assert _main("train", "--out", run, "--resume", "--set", "train.eval_every=2", "--set", "train.log_every=5") == 0
+    for flags, msg in ((["--set", "train.lr=0.01"], "train.lr: checkpoint 0.003 vs now 0.01"),
+                       (["--router", "xmoe"], "model.moe.router: checkpoint 'smoe' vs now 'xmoe'"),
+                       (["--set", "train.batch_size=16"], "train.batch_size: checkpoint 8 vs now 16")):
+        capsys.readouterr()
+        assert _main("train", "--out", run, "--resume", *flags) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: checkpoint") and msg in err and "may change only" in err, err
+    assert final_weights(tmp_path / "run").keys() == final.keys()
+
+
+def test_resume_with_more_steps_trains_longer_and_says_what_it_does_to_the_schedules(tmp_path, capsys):
+    from competesmoe.moe import CompetitionSchedule
+    run, sched = tmp_path / "run", ["router=competesmoe", "omega=0.3", "a_max=1", "train.schedule.warmup=0.2", "train.warmup_steps=1"]
+    assert _main("train", "--out", str(run), "--steps", "6", *_sets(tmp_path, *sched)) == 0
+    capsys.readouterr()
+    assert _main("train", "--out", str(run), "--resume", "--steps", "12") == 0
+    out = capsys.readouterr().out
+    assert ("train.steps 6 -> 12: the learning rate now follows the cosine over 12 steps" in out
+            and "the competition schedule is rebuilt for 12 steps, steps 1..6 keep their decisions" in out), out
+    rows = {r["step"]: r for r in _rows(run) if "lr" in r}
+    t = small_cfg(tmp_path, "run", *sched).train
+    for step in range(1, 13):   # steps taken keep their learning rates; the new ones follow the 12-step cosine
+        t.steps = 6 if step <= 6 else 12
+        assert rows[step]["lr"] == pytest.approx(lr_at(step - 1, t)), step
+    table = torch.load(ckpt.checkpoints(run / "checkpoints")[-1] / "trainer.pt", weights_only=False)["schedule"]["table"]
+    old, new = (CompetitionSchedule(2, n, omega=0.3, a_max=1, warmup=0.2, seed=42).table for n in (6, 12))
+    assert table.shape == (2, 12) and (table[:, :6].numpy() == old[:, :6]).all() and (table[:, 6:].numpy() == new[:, 6:]).all()
+    assert (old[:, :6] != new[:, :6]).any()        # the 12-step table differs there: the first steps were kept
+    assert sum(r["competing_layers"] for r in rows.values()) == table.sum() > 0
+    assert _main("train", "--out", str(run), "--resume", "--steps", "3") == 1
+    assert "train.steps=3 is before the checkpoint's step 12" in capsys.readouterr().err
+
+
+def test_competing_layers_is_the_sum_over_the_logging_window(tmp_path):
+    cfg = small_cfg(tmp_path, "run", "train.steps=8", "train.log_every=4", "train.eval_every=8", "router=competesmoe",
+                    "omega=0.3", "a_max=1", "train.schedule.seed=1")
+    trainer = Trainer(cfg, log=lambda *_: None)
+    table = trainer.schedule.table.copy()
+    trainer.train()
+    rows = [r for r in _rows(tmp_path / "run") if "competing_layers" in r]
+    assert [r["step"] for r in rows] == [4, 8]
+    assert [r["competing_layers"] for r in rows] == [int(table[:, :4].sum()), int(table[:, 4:].sum())]
+    # the logged steps alone would say something else: the window is what is reported
+    assert [int(table[:, 3].sum()), int(table[:, 7].sum())] != [r["competing_layers"] for r in rows]
+
+
+def test_activation_checkpointing_recomputes_each_layer_and_changes_nothing(tmp_path):
+    from competesmoe.moe import moe_layers
+    weights, calls = {}, {}
+    for on in (False, True):
+        cfg = small_cfg(tmp_path, f"ac-{on}", "train.steps=3", "train.eval_every=3", "train.grad_accum=2",
+                        f"train.activation_checkpointing={str(on).lower()}")
+        trainer = Trainer(cfg, log=lambda *_: None)
+        n = [0]
+        layer = moe_layers(trainer.model)[0]
+        layer.register_forward_pre_hook(lambda *_: n.__setitem__(0, n[0] + 1) if layer.training else None)   # not eval
+        trainer.train()
+        weights[on], calls[on] = final_weights(tmp_path / f"ac-{on}"), n[0]
+    assert calls == {False: 3 * 2, True: 3 * 2 * 2}      # each micro-batch's forward runs again in backward
+    assert all(torch.equal(weights[False][k], weights[True][k]) for k in weights[False])
+
+
 def _tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 

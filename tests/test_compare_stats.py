@@ -71,6 +71,9 @@ def test_pairing_by_seed_only_when_the_seeds_match():
     shuffled = {s: a[s] for s in (3, 1, 5, 2, 4)}
     assert stats.compare_arms(b, shuffled).p == pytest.approx(sp.ttest_rel(B, A).pvalue, rel=1e-9)
     assert stats.compare_arms(b, {s + 10: v for s, v in a.items()}).test == "welch"
+    # a partial arm (seeds 1-3 of 5): paired on the shared seeds only
+    part = stats.compare_arms({s: b[s] for s in (1, 2, 3)}, a)
+    assert part.test == "paired" and part.n_a == 3 and part.p == pytest.approx(sp.ttest_rel(B[:3], A[:3]).pvalue)
 
 
 def test_detectable_difference_is_the_closed_form():
@@ -162,3 +165,12 @@ def test_written_report_has_statistics_and_no_machine_paths(tmp_path, monkeypatc
     assert report["arms"]["smoe"]["ci"] == pytest.approx(list(stats.summary(A).ci))
     assert {s["arm"]: s["verdict"] for s in report["significance"]} == {
         "competesmoe": "higher PPL than smoe", "same": "not distinguishable"}
+
+
+def test_report_only_trains_nothing(tmp_path):
+    from competesmoe.analysis.compare import run_compare
+    from competesmoe.config import ConfigError
+    with pytest.raises(ConfigError, match="no finished run"):
+        run_compare("smoe,competesmoe", [1, 2], "tiny", ["train.steps=2"], tmp_path, analysis_tokens=0,
+                    log=lambda *_: None, report_only=True)
+    assert not any(tmp_path.rglob("metrics.jsonl"))          # nothing was trained

@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-limit", type=int, help="first N items of each zero-shot task")
     p.add_argument("--analysis-tokens", type=int, default=2048,
                    help="fixed validation token set for ECR / agreement / shift (0: skip)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: tabulate the finished runs (summary.json) under --out, skip the others")
     p.add_argument("--baseline", help="arm the others are tested against (default: the first of --routers)")
     p.add_argument("--detect", default="0.4%",
                    help="effect to plan for: seeds per arm needed to detect it with 80%% power, as a share "
@@ -57,7 +59,8 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
 def run_compare(routers: str, seeds: list[int], preset: str, base: list[str], out: str | Path,
                 eval_tasks: str | None = None, eval_data: str | None = None, eval_limit: int | None = None,
                 analysis_tokens: int = 2048, log: Callable[[str], None] = print,
-                baseline: str | None = None, detect: str | None = "0.4%") -> dict[str, Path]:
+                baseline: str | None = None, detect: str | None = "0.4%",
+                report_only: bool = False) -> dict[str, Path]:
     """Train / resume / reuse every run, then write compare.md, compare.json and the plots."""
     from .compare_report import write_compare
     from .runs import analyse_run, eval_run, run_config, train_run
@@ -74,6 +77,11 @@ def run_compare(routers: str, seeds: list[int], preset: str, base: list[str], ou
     runs: list[dict[str, Any]] = []
     seqs = None
     for variant, seed, cfg in plan:
+        if report_only:
+            done = Path(cfg.train.out_dir) / "summary.json"
+            if not done.is_file():
+                log(f"[{variant.label} seed {seed}] not finished: left out of the report")
+                continue
         summary = train_run(cfg, variant, seed, log)
         run_dir = Path(cfg.train.out_dir)
         entry: dict[str, Any] = {"label": variant.label, "seed": seed, "dir": str(run_dir), "summary": summary}
@@ -85,6 +93,8 @@ def run_compare(routers: str, seeds: list[int], preset: str, base: list[str], ou
         if eval_tasks:
             entry["eval"] = eval_run(run_dir, eval_tasks, eval_data, eval_limit)
         runs.append(entry)
+    if not runs:
+        raise ConfigError(f"no finished run under {out}")
     settings = {"routers": [v.label for v in variants], "seeds": seeds, "preset": preset, "overrides": base,
                 "eval_tasks": eval_tasks, "eval_limit": eval_limit, "analysis_tokens": analysis_tokens,
                 "baseline": baseline or variants[0].label, "detect": detect}
@@ -94,6 +104,6 @@ def run_compare(routers: str, seeds: list[int], preset: str, base: list[str], ou
 def main(args: argparse.Namespace) -> int:
     paths = run_compare(args.routers, _seeds(args.seeds), args.preset, base_overrides(args), args.out,
                         args.eval_tasks, args.eval_data, args.eval_limit, args.analysis_tokens,
-                        baseline=args.baseline, detect=args.detect)
+                        baseline=args.baseline, detect=args.detect, report_only=args.report_only)
     print(f"comparison written to {paths['markdown']}")
     return 0

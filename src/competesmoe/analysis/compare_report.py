@@ -248,8 +248,8 @@ def significance_markdown(arm_stats: dict[str, stats.Summary], sig: list[dict[st
     md = [f"\n## Statistics (validation PPL, baseline `{baseline}`)\n",
           f"Per arm: mean, sample std and {level}% t interval of the mean over seeds. Against the baseline: "
           "difference arm − baseline (negative = lower PPL), its interval and two-sided p-value — paired by "
-          "seed when both arms ran the same seeds (same data order and shared initialisation), Welch's test "
-          f"otherwise; *detectable*: the smallest true difference this design finds with {power:.0%} power "
+          "seed on the seeds both arms ran (same data order and shared initialisation), Welch's test when "
+          f"fewer than two are shared; *detectable*: the smallest true difference this design finds with {power:.0%} power "
           f"at level {alpha} ((t_(1−α/2) + t_(power))·SE)."
           + (f" *Seeds needed*: per arm, to detect {_effect_text(effect)} with the observed spread." if effect else "")
           + "\n",
@@ -264,7 +264,8 @@ def significance_markdown(arm_stats: dict[str, stats.Summary], sig: list[dict[st
         if "ci" not in r:
             rows.append([r["arm"]] + ["–"] * 6 + [r["verdict"]] + (["–"] if effect else []))
             continue
-        row = [r["arm"], r["test"], f"{r['diff']:+.2f}", _fmt_ci(r["ci"]), f"{100 * r['rel_diff']:+.2f}%",
+        design = f"paired, {r['n_a']} seeds" if r["test"] == "paired" else f"Welch, {r['n_a']} vs {r['n_b']}"
+        row = [r["arm"], design, f"{r['diff']:+.2f}", _fmt_ci(r["ci"]), f"{100 * r['rel_diff']:+.2f}%",
                f"{r['p']:.3g}", f"{r['detectable']:.2f} ({100 * r['detectable'] / r['baseline_mean']:.1f}%)",
                r["verdict"]]
         if effect:

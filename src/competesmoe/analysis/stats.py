@@ -201,11 +201,12 @@ def _difference(test, n_a, n_b, diff, se, df, sd, alpha, power) -> Difference:
 
 def compare_arms(a: dict[int, float], b: dict[int, float], alpha: float = ALPHA,
                  power: float = POWER) -> Difference:
-    """Arm a minus baseline b, values keyed by seed: paired on the common seeds when both arms have the
-    same seeds (at least two), Welch otherwise."""
-    if set(a) == set(b) and len(a) >= 2:
-        seeds = sorted(a)
-        return paired([a[s] for s in seeds], [b[s] for s in seeds], alpha, power)
+    """Arm a minus baseline b, values keyed by seed: paired on the seeds both arms ran when there are at
+    least two (seeds of one arm only are left out: a partial comparison keeps its pairing), Welch on all
+    values when fewer seeds are shared."""
+    common = sorted(set(a) & set(b))
+    if len(common) >= 2:
+        return paired([a[s] for s in common], [b[s] for s in common], alpha, power)
     return welch(list(a.values()), list(b.values()), alpha, power)
 
 

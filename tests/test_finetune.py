@@ -3,6 +3,7 @@ competesmoe models (competition steps run, the loss falls, resume is exact), tra
 the competition callback, and the clear errors."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -216,6 +217,53 @@ def test_finetune_errors(llama_folder, corpus, tmp_path):
     hf_tokenizer(train_bpe([text(1)], 280)).save_pretrained(plain)
     with pytest.raises(DataError, match="no chat template"):
         finetune(small_run(tmp_path, plain, corpus / "chat.jsonl", chat=True), log=lambda *_: None)
+
+
+def test_finetune_resume_reads_its_finetune_yaml_and_trains_longer(llama_folder, corpus, tmp_path, capsys):
+    run = str(tmp_path / "run")
+    sets = ["data.seq_len=32", "train.batch_size=2", "train.grad_accum=1", "train.eval_every=3", "train.ckpt_every=3",
+            "train.eval_batches=1", "train.tensorboard=false", "train.lr=1e-3", "omega=0.5", "a_max=1"]
+    flags = [a for s in sets for a in ("--set", s)]
+    assert cli_main(["finetune", str(llama_folder), "--data", str(corpus / "train.jsonl"), "--out", run,
+                     "--steps", "3", *flags]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert cli_main(["finetune", "--out", run, "--resume", "--steps", "5"]) == 0, capsys.readouterr().err   # no INIT, no --data
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "train.steps 3 -> 5" in out and "after 5 steps" in out
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["step"] == 5
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf") is not None
+    assert cli_main(["finetune", "--out", run, "--resume", "--set", "train.lr=0.1"]) == 1
+    assert "train.lr: checkpoint 0.001 vs now 0.1" in capsys.readouterr().err
+    assert cli_main(["finetune", "--out", str(tmp_path / "nothing"), "--resume"]) == 1
+    assert "finetune needs INIT and --data" in capsys.readouterr().err
+
+
+def test_backend_applies_when_fine_tuning_an_upcycled_folder(llama_folder, tmp_path):
+    import argparse
+    from competesmoe.train.finetune import build
+    from competesmoe.train.finetune_cli import add_arguments, build_config
+    up = tmp_path / "up"
+    upcycle(AutoModelForCausalLM.from_pretrained(llama_folder), router="competesmoe").save_pretrained(up)
+    chat_tokenizer().save_pretrained(up)
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    for backend in ("loop", "grouped_mm"):
+        cfg = build_config(p.parse_args([str(up), "--data", "x.jsonl", "--out", str(tmp_path / "run"),
+                                         "--set", f"model.backend={backend}"]))
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=str(tmp_path / "t.txt"), seq_len=16))
+        (tmp_path / "t.txt").write_text(text(1, 400))
+        _, model, _, _ = build(cfg, log=lambda *_: None)
+        layers = moe_layers(model)
+        assert len(layers) == 2 and all(l.experts.backend == l.cfg.backend == backend for l in layers)
+
+
+def test_one_expert_is_not_an_moe(llama_folder, corpus, tmp_path, capsys):
+    for argv in (["finetune", str(llama_folder), "--data", str(corpus / "train.jsonl"), "--out", str(tmp_path / "x")],
+                 ["upcycle", str(llama_folder), str(tmp_path / "x")]):
+        assert cli_main(argv + ["--experts", "1"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "experts must be an integer >= 2 (an MoE), got 1" in err and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()
 
 
 # --- transformers' Trainer ---------------------------------------------------------------------------

@@ -5,6 +5,9 @@ package's `cli.py` or `*_cli.py` belongs to its package's layer (so `train/upcyc
 `model/`, since it loads runs). Only the top-level dispatcher (`cli.py`, `__main__.py`) may import anything.
 """
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import competesmoe
@@ -54,3 +57,36 @@ def test_the_checker_resolves_every_import_form():
     assert _imports(source, ["model"]) == ["train", "eval", "analysis", "model", "model"]
     assert _layer(ROOT / "model" / "hf.py") == LAYER["model"] < LAYER["train"]
     assert _layer(ROOT / "train" / "upcycle_cli.py") == LAYER["train"] < _layer(ROOT / "cli.py") == TOP
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+
+
+def test_import_competesmoe_does_not_import_transformers():
+    res = _python("import competesmoe, competesmoe.cli, sys; assert 'transformers' not in sys.modules, 'imported'")
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_auto_classes_load_our_folders_after_import_competesmoe(tmp_path):
+    """The registration waits for transformers: imported after competesmoe, it knows both model types."""
+    import transformers
+    from competesmoe.config import MoEConfig
+    from competesmoe.data.tokenizer import train_bpe
+    from competesmoe.model.hf import save_hf
+    from competesmoe.model.transformer import ModelConfig, MoETransformer
+    from competesmoe.model.upcycle import upcycle
+    llama = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2)
+    upcycle(transformers.AutoModelForCausalLM.from_config(llama), experts=4).save_pretrained(tmp_path / "up")
+    tok = train_bpe(["the cat sat on a mat"] * 20, 280)
+    save_hf(MoETransformer(ModelConfig(vocab_size=tok.get_vocab_size(), n_layers=1, d_model=32, n_heads=4,
+                                       max_seq_len=32, moe=MoEConfig(d_model=32, d_expert=16, n_experts=4, top_k=2))),
+            tok, tmp_path / "export")
+    res = _python("import competesmoe\n"
+                  "from transformers import AutoModelForCausalLM as A\n"
+                  f"print(type(A.from_pretrained({str(tmp_path / 'up')!r})).__name__, "
+                  f"type(A.from_pretrained({str(tmp_path / 'export')!r})).__name__)")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == ["UpcycledLlamaForCausalLM", "CompeteSMoEForCausalLM"]

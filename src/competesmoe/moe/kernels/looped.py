@@ -24,19 +24,31 @@ import torch
 from torch import Tensor
 
 from ..activations import lookup
+from . import contract
 from .plan import SortedPairs
 
-def _segments(idx_TK: Tensor, n_experts: int, weighted: bool):
-    """The plan, per expert: its pair count, the token rows it reads and the output rows it writes."""
-    plan = SortedPairs.of(idx_TK, n_experts)
-    counts = plan.counts()
-    dst_M = plan.token_M if weighted else plan.pair_M   # weighted: summed into tokens; else pair rows
-    return plan, counts, plan.token_M.split(counts), dst_M.split(counts)
+class _Segments:
+    """The shared plan cut per expert: pair counts, the token rows each expert reads, the output rows it
+    writes (weighted: summed into tokens; else pair rows), the sorted pairs' weights, and whether the
+    weights scale the narrower side of GEMM 2 (φ(h) [n, H] or its output [n, O]) as the grouped path does."""
 
+    def __init__(self, idx_TK: Tensor, w1: Tensor, w2: Tensor, w_TK: Optional[Tensor], dtype: torch.dtype) -> None:
+        self.plan = SortedPairs.of(idx_TK, w1.shape[0])
+        self.counts = self.plan.counts()
+        weighted = w_TK is not None
+        self.tok_e = self.plan.token_M.split(self.counts)
+        self.dst_e = (self.plan.token_M if weighted else self.plan.pair_M).split(self.counts)
+        self.scale_M = None if not weighted else w_TK.reshape(-1).index_select(0, self.plan.pair_M).to(dtype)
+        self.fold = weighted and w2.shape[2] <= w2.shape[1]
+        self.n_max = max(self.counts, default=0)
 
-def _fold(w_TK: Optional[Tensor], w2: Tensor) -> bool:
-    """Weights scale the narrower side of GEMM 2 (φ(h) [n, H] or its output [n, O]), as the grouped path."""
-    return w_TK is not None and w2.shape[2] <= w2.shape[1]
+    def experts(self):
+        """(expert, its pair count n, its rows of the sorted pairs) for every expert with pairs."""
+        start = 0
+        for e, n in enumerate(self.counts):
+            if n:
+                yield e, n, slice(start, start + n)
+                start += n
 
 
 @torch.library.custom_op("competesmoe::loop_experts", mutates_args=())
@@ -47,19 +59,12 @@ def loop_experts(x_TD: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2:
     phi = lookup(act)
     T, K = idx_TK.shape
     O, weighted = w2.shape[1], w_TK is not None
-    plan, counts, tok_e, dst_e = _segments(idx_TK, w1.shape[0], weighted)
-    scale_M = None if not weighted else w_TK.reshape(-1).index_select(0, plan.pair_M).to(x_TD.dtype)
-    fold = _fold(w_TK, w2)
-    n_max = max(counts, default=0)
+    seg = _Segments(idx_TK, w1, w2, w_TK, x_TD.dtype)
+    tok_e, dst_e, scale_M, fold, n_max = seg.tok_e, seg.dst_e, seg.scale_M, seg.fold, seg.n_max
     h_MH = x_TD.new_empty(T * K if keep else n_max, w1.shape[1])   # without a graph: one expert's rows
     out = x_TD.new_zeros(T if weighted else T * K, O)
     x_buf, y_buf = x_TD.new_empty(n_max, x_TD.shape[1]), x_TD.new_empty(n_max, O)   # reused by every expert
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        rows = slice(start, start + n)
-        start += n
+    for e, n, rows in seg.experts():
         x_e = torch.index_select(x_TD, 0, tok_e[e], out=x_buf[:n])
         h = torch.mm(x_e, w1[e].t(), out=h_MH[rows] if keep else h_MH[:n])
         if b1 is not None:
@@ -76,14 +81,6 @@ def loop_experts(x_TD: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2:
     return out, (h_MH if keep else h_MH.new_empty(0, w1.shape[1]))
 
 
-@loop_experts.register_fake
-def _(x_TD, w1, b1, w2, b2, w_TK, idx_TK, act, keep):
-    T, K = idx_TK.shape
-    O = w2.shape[1]
-    out = x_TD.new_empty(T, O) if w_TK is not None else x_TD.new_empty(T, K, O)
-    return out, x_TD.new_empty(T * K if keep else 0, w1.shape[1])
-
-
 @torch.library.custom_op("competesmoe::loop_experts_backward", mutates_args=())
 def loop_experts_backward(g: Tensor, x_TD: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
                           b2: Optional[Tensor], w_TK: Optional[Tensor], idx_TK: Tensor, h_MH: Tensor, act: str,
@@ -91,25 +88,18 @@ def loop_experts_backward(g: Tensor, x_TD: Tensor, w1: Tensor, b1: Optional[Tens
     """[dx, dW1, db1, dW2, db2, dw_TK]; an input that `needs` no gradient gets an empty tensor."""
     phi = lookup(act)
     need_x, need_w1, need_b1, need_w2, need_b2, need_w = needs
-    weighted = w_TK is not None
-    plan, counts, tok_e, dst_e = _segments(idx_TK, w1.shape[0], weighted)
-    scale_M = None if not weighted else w_TK.reshape(-1).index_select(0, plan.pair_M).to(x_TD.dtype)
-    fold = _fold(w_TK, w2)
+    seg = _Segments(idx_TK, w1, w2, w_TK, x_TD.dtype)
+    tok_e, dst_e, scale_M, fold, n_max = seg.tok_e, seg.dst_e, seg.scale_M, seg.fold, seg.n_max
     g_rows = g.to(x_TD.dtype).reshape(-1, g.shape[-1])              # [T, O] or [T·K, O]
     gx = torch.zeros_like(x_TD) if need_x else None
     gw1 = torch.zeros_like(w1) if need_w1 else None                  # unused experts: exact zeros
     gw2 = torch.zeros_like(w2) if need_w2 else None
     gb1 = torch.zeros_like(b1) if need_b1 else None
     gb2 = torch.zeros_like(b2) if need_b2 else None
-    gs_M = torch.empty_like(scale_M) if weighted and need_w else None
-    n_max, D, O = max(counts, default=0), x_TD.shape[1], w2.shape[1]
+    gs_M = torch.empty_like(scale_M) if scale_M is not None and need_w else None
+    D, O = x_TD.shape[1], w2.shape[1]
     gy_buf, x_buf, gx_buf = x_TD.new_empty(n_max, O), x_TD.new_empty(n_max, D), x_TD.new_empty(n_max, D)
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        rows = slice(start, start + n)
-        start += n
+    for e, n, rows in seg.experts():
         gy = torch.index_select(g_rows, 0, dst_e[e], out=gy_buf[:n])   # dL/dy of this expert's pairs
         s = None if scale_M is None else scale_M[rows, None]
         h = h_MH[rows]
@@ -138,33 +128,12 @@ def loop_experts_backward(g: Tensor, x_TD: Tensor, w1: Tensor, b1: Optional[Tens
             gx.index_add_(0, tok_e[e], torch.mm(gh, w1[e], out=gx_buf[:n]))
     gw_TK = None
     if gs_M is not None:
-        gw_TK = torch.empty_like(gs_M).index_copy_(0, plan.pair_M, gs_M).view_as(w_TK).to(w_TK.dtype)
+        gw_TK = torch.empty_like(gs_M).index_copy_(0, seg.plan.pair_M, gs_M).view_as(w_TK).to(w_TK.dtype)
     return [t if t is not None else x_TD.new_empty(0) for t in (gx, gw1, gb1, gw2, gb2, gw_TK)]
 
 
-@loop_experts_backward.register_fake
-def _(g, x_TD, w1, b1, w2, b2, w_TK, idx_TK, h_MH, act, needs):
-    like = (x_TD, w1, b1, w2, b2, w_TK)
-    return [torch.empty_like(t) if n and t is not None else x_TD.new_empty(0) for t, n in zip(like, needs)]
 
-
-def _setup_context(ctx, inputs, output):
-    x_TD, w1, b1, w2, b2, w_TK, idx_TK, act, keep = inputs
-    ctx.save_for_backward(x_TD, w1, b1, w2, b2, w_TK, idx_TK, output[1])
-    ctx.act, ctx.keep = act, keep
-    ctx.mark_non_differentiable(output[1])
-
-
-def _backward(ctx, g, _):
-    x_TD, w1, b1, w2, b2, w_TK, idx_TK, h_MH = ctx.saved_tensors
-    if not ctx.keep:
-        raise RuntimeError("loop_experts ran without keeping its pre-activations (no input required a gradient)")
-    needs = list(ctx.needs_input_grad[:6])
-    grads = loop_experts_backward(g, x_TD, w1, b1, w2, b2, w_TK, idx_TK, h_MH, ctx.act, needs)
-    return (*[gr if n else None for gr, n in zip(grads, needs)], None, None, None)
-
-
-torch.library.register_autograd("competesmoe::loop_experts", _backward, setup_context=_setup_context)
+contract.register(loop_experts, loop_experts_backward)
 
 
 def looped_experts(x_TD, w1, b1, w2, b2, idx_TK, act: str, w_TK=None) -> Tensor:
@@ -173,5 +142,4 @@ def looped_experts(x_TD, w1, b1, w2, b2, idx_TK, act: str, w_TK=None) -> Tensor:
     w1: [N, H_in, D] and w2: [N, O, H] as stored (nn.Linear layout), all in x's dtype; `act` is an
     `Activation` key (`moe.activations`).
     """
-    keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x_TD, w1, b1, w2, b2, w_TK))
-    return loop_experts(x_TD, w1, b1, w2, b2, w_TK, idx_TK, act, keep)[0]
+    return contract.call(loop_experts, x_TD, w1, b1, w2, b2, idx_TK, act, w_TK)

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ..activations import lookup
+from . import contract
 from .plan import SortedPairs
 
 # The interpreter computes bf16 tl.dot wrongly (triton 3.9); it gets float32 operands, which hold the
@@ -229,14 +230,6 @@ def triton_experts(x_TD: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b
     return out, (h_MH if keep else h_MH.new_empty(0, h_MH.shape[1]))
 
 
-@triton_experts.register_fake
-def _(x_TD, w1, b1, w2, b2, w_TK, idx_TK, act, keep):
-    T, K = idx_TK.shape
-    O = w2.shape[1]
-    out = x_TD.new_empty(T, O) if w_TK is not None else x_TD.new_empty(T, K, O)
-    return out, x_TD.new_empty(T * K if keep else 0, w1.shape[1])
-
-
 @torch.library.custom_op("competesmoe::triton_experts_backward", mutates_args=())
 def triton_experts_backward(g: Tensor, x_TD: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
                             b2: Optional[Tensor], w_TK: Optional[Tensor], idx_TK: Tensor, h_MH: Tensor, act: str,
@@ -278,29 +271,8 @@ def triton_experts_backward(g: Tensor, x_TD: Tensor, w1: Tensor, b1: Optional[Te
     return [t if t is not None else x_TD.new_empty(0) for t in grads]
 
 
-@triton_experts_backward.register_fake
-def _(g, x_TD, w1, b1, w2, b2, w_TK, idx_TK, h_MH, act, needs):
-    like = (x_TD, w1, b1, w2, b2, w_TK)
-    return [torch.empty_like(t) if n and t is not None else x_TD.new_empty(0) for t, n in zip(like, needs)]
 
-
-def _setup_context(ctx, inputs, output):
-    x_TD, w1, b1, w2, b2, w_TK, idx_TK, act, keep = inputs
-    ctx.save_for_backward(x_TD, w1, b1, w2, b2, w_TK, idx_TK, output[1])
-    ctx.act, ctx.keep = act, keep
-    ctx.mark_non_differentiable(output[1])
-
-
-def _backward(ctx, g, _):
-    x_TD, w1, b1, w2, b2, w_TK, idx_TK, h_MH = ctx.saved_tensors
-    if not ctx.keep:
-        raise RuntimeError("triton_experts ran without keeping its pre-activations (no input required a gradient)")
-    needs = list(ctx.needs_input_grad[:6])
-    grads = triton_experts_backward(g, x_TD, w1, b1, w2, b2, w_TK, idx_TK, h_MH, ctx.act, needs)
-    return (*[gr if n else None for gr, n in zip(grads, needs)], None, None, None)
-
-
-torch.library.register_autograd("competesmoe::triton_experts", _backward, setup_context=_setup_context)
+contract.register(triton_experts, triton_experts_backward)
 
 
 def fused_experts(x_TD, w1, b1, w2, b2, idx_TK, act: str, w_TK=None) -> torch.Tensor:
@@ -309,5 +281,4 @@ def fused_experts(x_TD, w1, b1, w2, b2, idx_TK, act: str, w_TK=None) -> torch.Te
     w1: [N, H_in, D] and w2: [N, O, H] as stored (nn.Linear layout), all in the compute dtype;
     `act` is an `Activation` key (`moe.activations`).
     """
-    keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x_TD, w1, b1, w2, b2, w_TK))
-    return triton_experts(x_TD, w1, b1, w2, b2, w_TK, idx_TK, act, keep)[0]
+    return contract.call(triton_experts, x_TD, w1, b1, w2, b2, idx_TK, act, w_TK)

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from . import competition as comp
 from .experts import Experts
+from .kernels.plan import SortedPairs
 from .precision import compute_dtype, fp32
 
 EXCHANGES = ("auto", "all_to_all", "all_gather")
@@ -133,14 +134,13 @@ class ExpertParallelExperts(Experts):
         """Expert `idx_TK[t, k]` (global id) applied to token t: [T, K, D] (unweighted)."""
         T, K = idx_TK.shape
         E, n, j = self.ep_size, self.n_experts, self.ep_rank
-        flat_M = idx_TK.reshape(-1)
-        order_M = flat_M.argsort(stable=True)                   # pairs sorted by expert, hence by owner rank
-        counts_N = torch.bincount(flat_M, minlength=self.n_global)
+        plan = SortedPairs.of(idx_TK, self.n_global)            # pairs sorted by expert, hence by owner rank
+        order_M, counts_N = plan.pair_M, plan.count_N
         counts_EN = all_gather_sizes(counts_N, self.group)      # [source rank, expert]: pairs each rank sends
         send = counts_N.view(E, n).sum(1).tolist()
         mine_En = counts_EN[:, j * n:(j + 1) * n]               # pairs for my experts, from each source
         recv = mine_En.sum(1).tolist()
-        x_MD = x_TD.to(compute_dtype(x_TD)).index_select(0, order_M // K)   # bf16 under autocast: half the bytes
+        x_MD = x_TD.to(compute_dtype(x_TD)).index_select(0, plan.token_M)   # bf16 under autocast: half the bytes
         x_RD = exchange(x_MD, send, recv, self.group, self.exchange)
         local_R = torch.arange(n, device=x_TD.device).repeat(E).repeat_interleave(mine_En.reshape(-1))
         # Nothing for my experts: still an output tied to the graph, so this rank joins the backward exchanges.

@@ -51,8 +51,8 @@ def _args(tmp_path, name, extra):
     return ["train", "--out", str(tmp_path / name)] + [a for s in sets for a in ("--set", s)]
 
 
-def torchrun(tmp_path, name, *extra, resume=False, popen=False):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+def torchrun(tmp_path, name, *extra, resume=False, popen=False, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            "-m", "competesmoe", *_args(tmp_path, name, extra)] + (["--resume"] if resume else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if popen:
@@ -123,6 +123,15 @@ def test_expert_parallel_training_equals_one_process(runs):
     tmp, logs = runs
     assert "expert parallel: 2 ranks per group, 4 experts of each layer per rank, exchange all_to_all" in logs["ep"]
     assert_same_run(tmp / "one", tmp / "ep")
+
+
+def test_four_processes_ddp_times_two_way_expert_parallelism_equals_one_process(runs):
+    """Two data-parallel groups of two expert-parallel ranks: expert gradients summed over the 2 replicas."""
+    tmp, _ = runs
+    log = torchrun(tmp, "ddp4-ep2", "train.expert_parallel=2", nproc=4)
+    assert "distributed: 4 processes (gloo), ddp x expert parallel 2" in log
+    assert "expert parallel: 2 ranks per group, 4 experts of each layer per rank" in log
+    assert_same_run(tmp / "one", tmp / "ddp4-ep2")
 
 
 def _resume_from(src: Path, dst: Path, step: int) -> None:

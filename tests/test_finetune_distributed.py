@@ -1,6 +1,6 @@
 """`torchrun ... -m competesmoe finetune` on 2 CPU processes (gloo): DDP, FSDP2 and expert parallelism.
 
-Each run fine-tunes a tiny upcycled Llama and must match one process with the same global batch (losses
+Each run fine-tunes a tiny upcycled Llama (FSDP2 with activation checkpointing) and must match one process with the same global batch (losses
 to rounding, as in test_distributed.py), write its files once (rank 0), end with an hf/ folder holding the
 full weights (experts [N, ...], not a rank's slice) that `from_pretrained` loads in one process with the
 logits of the trained weights, and leave checkpoints that resume on another number of processes.
@@ -82,7 +82,8 @@ def one_process(src: Path, out: Path, *extra, resume=False) -> dict:
 def runs(src):
     one_process(src, src / "one")
     logs = {name: torchrun(args(src, src / name, extra)) for name, extra in
-            {"ddp": [], "fsdp": ["train.parallel=fsdp"], "ep": ["train.expert_parallel=2"]}.items()}
+            {"ddp": [], "fsdp": ["train.parallel=fsdp", "train.activation_checkpointing=true"],
+             "ep": ["train.expert_parallel=2"]}.items()}
     return src, logs
 
 
@@ -137,6 +138,9 @@ def test_torchrun_finetune_matches_one_process_and_writes_a_complete_hf_folder(r
     assert not [p for p in (src / mode).iterdir() if p.name.startswith(".")]   # no temporary left behind
     if mode == "ep":
         assert "expert parallel: 2 ranks per group, 2 experts of each layer per rank" in out
+    if mode == "fsdp":   # FSDP2 units and activation checkpointing per decoder layer, the same losses
+        assert "activation checkpointing: 2 layers recompute their activations in backward" in out
+        assert "distributed: 2 processes (gloo), fsdp (2 layer units + the root)" in out
     assert_same_losses(src / "one", src / mode)
     assert_complete_hf_folder(src / mode, src / "one")
 

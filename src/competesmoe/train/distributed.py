@@ -8,7 +8,9 @@
 default process group (NCCL on CUDA, gloo on CPU) and returns a `Dist`; the Trainer asks it for
 everything that depends on the number of processes P:
   * `parallelize(model)`: expert parallelism (each MoE layer's experts split over E ranks, see
-    `moe/expert_parallel.py`), then DDP or FSDP2 `fully_shard` per block for the other weights;
+    `moe/expert_parallel.py`), then DDP or FSDP2 `fully_shard` per layer unit (`layer_units`: our blocks,
+    a Hugging Face model's decoder and vision-encoder layers) for the other weights;
+  * `full_state_dict(model)`: every weight whole on rank 0 (the final Hugging Face folder of finetune);
   * `shard_batches(batches)`: each rank reads its rows of the config's global batch;
   * `check_schedule(schedule)`: every rank must hold the same competition table (else all stop);
   * `sync_context`, `after_backward`, `clip_grad_norm`, `reduce_metrics`: gradient sync once per
@@ -116,10 +118,12 @@ class Dist:
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
             world_mesh = init_device_mesh(self.device.type, (self.world,))
-            for unit in layer_units(model):
+            units = layer_units(model)
+            for unit in units:
                 fully_shard(unit, mesh=world_mesh, ignored_params={p for p in unit.parameters() if p in experts} or None)
             fully_shard(model, mesh=world_mesh, ignored_params=experts or None)
         log(f"distributed: {self.world} processes ({dist.get_backend()}), {self.parallel}"
+            f"{f' ({len(units)} layer units + the root)' if self.parallel == 'fsdp' else ''}"
             f"{f' x expert parallel {self.ep}' if self.ep > 1 else ''}")
         return self.train_model
 

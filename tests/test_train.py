@@ -148,7 +148,7 @@ def test_resume_continues_the_run_as_saved_and_refuses_other_settings(tmp_path, 
     # what may change does; anything else is refused, naming the setting, and changes nothing
     assert _main("train", "--out", run, "--resume", "--set", "train.eval_every=2", "--set", "train.log_every=5") == 0
     for flags, msg in ((["--set", "train.lr=0.01"], "train.lr: checkpoint 0.003 vs now 0.01"),
-                       (["--router", "xmoe"], "model.moe.router: checkpoint 'smoe' vs now 'xmoe'"),
+                       (["--router", "xmoe"], "model.moe.router: checkpoint 'competesmoe' vs now 'xmoe'"),
                        (["--set", "train.batch_size=16"], "train.batch_size: checkpoint 8 vs now 16")):
         capsys.readouterr()
         assert _main("train", "--out", run, "--resume", *flags) == 1

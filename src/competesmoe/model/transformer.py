@@ -68,7 +68,8 @@ class ModelConfig(Config):
 
 
 def _moe(d, h, n, k, **kw) -> MoEConfig:
-    return MoEConfig(d_model=d, d_expert=h, n_experts=n, top_k=k, **kw)
+    # The presets train the method of the paper unless told otherwise (`--router smoe` for the baseline).
+    return MoEConfig(d_model=d, d_expert=h, n_experts=n, top_k=k, router="competesmoe", **kw)
 
 
 # Presets. Balance loss for LM pre-training as in Section 5.1 / Table 13: MoEUT entropy 0.01, no z-loss.

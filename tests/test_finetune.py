@@ -3,7 +3,6 @@ competesmoe models (competition steps run, the loss falls, resume is exact), tra
 the competition callback, and the clear errors."""
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -247,14 +246,15 @@ def test_backend_applies_when_fine_tuning_an_upcycled_folder(llama_folder, tmp_p
     chat_tokenizer().save_pretrained(up)
     p = argparse.ArgumentParser()
     add_arguments(p)
-    for backend in ("loop", "grouped_mm"):
-        cfg = build_config(p.parse_args([str(up), "--data", "x.jsonl", "--out", str(tmp_path / "run"),
-                                         "--set", f"model.backend={backend}"]))
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=str(tmp_path / "t.txt"), seq_len=16))
-        (tmp_path / "t.txt").write_text(text(1, 400))
+    (tmp_path / "t.txt").write_text(text(1, 400))
+    for backend in (None, "loop", "grouped_mm"):   # None: the folder's own setting ("auto")
+        argv = [str(up), "--data", str(tmp_path / "t.txt"), "--out", str(tmp_path / "run"), "--set", "data.seq_len=16"]
+        cfg = build_config(p.parse_args(argv + (["--set", f"model.backend={backend}"] if backend else [])))
         _, model, _, _ = build(cfg, log=lambda *_: None)
         layers = moe_layers(model)
-        assert len(layers) == 2 and all(l.experts.backend == l.cfg.backend == backend for l in layers)
+        assert len(layers) == 2 and all(l.experts.backend == l.cfg.backend == (backend or "auto") for l in layers)
+        if backend:   # the dispatch the layers will run is the one asked for
+            assert all(l.experts.path(torch.device("cpu"), torch.float32, 64) == backend for l in layers)
 
 
 def test_one_expert_is_not_an_moe(llama_folder, corpus, tmp_path, capsys):

@@ -4,6 +4,9 @@
     bash benchmarks/gpu_suite.sh OUT_DIR --smoke    # minutes on CPU: proves the pipeline end to end
 
 Parts, each a subprocess with its own time limit (a part that runs out keeps what it printed so far):
+  0. kernels     the Triton kernels' tests on this GPU (tests/test_kernels.py, the triton cases of
+                 tests/test_dispatch.py): correctness before any timing (`auto` never picks Triton; read
+                 kernels.log before setting backend=triton)
   1. layer       benchmarks/moe_layer.py: fine (64×128, K 8) and coarse (8×1024 SwiGLU, K 2) at 65,536 tokens,
                  fp32 and bf16: efficiency vs a dense chain of equal FLOPs, each dispatch backend, transformers'
                  Mixtral block (default grouped_mm and eager), competition step time and peak memory
@@ -37,6 +40,7 @@ def parts(out: Path, smoke: bool) -> list[tuple[str, list[str], int]]:
         tiny = ["--set", "model.n_layers=2", "--set", "data.synthetic_train_chars=200000",
                 "--set", "data.vocab_size=384", "--set", "model.vocab_size=384", "--set", "train.batch_size=4"]
         return [
+            ("kernels", [py, "-m", "pytest", "-q", "-x", "tests/test_kernels.py", "-k", "routing or offsets"], 300),
             ("layer", [py, str(HERE / "moe_layer.py"), "--device", "cpu", "--tokens", "256", "--repeats", "1",
                        "--dtypes", "bf16", "--hf", "eager", "--backends", "auto,loop", "--probes", "1",
                        "--out", str(out / "moe_layer-smoke.md")], 600),
@@ -52,8 +56,10 @@ def parts(out: Path, smoke: bool) -> list[tuple[str, list[str], int]]:
              "--set", "train.grad_accum=1", "--set", "data.synthetic_train_chars=6000000",
              "--set", "data.progress=false", "--peak-tflops", str(H200_BF16_TFLOPS)]
     return [
+        ("kernels", [py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_kernels.py",
+                     "tests/test_dispatch.py", "-k", "triton or fused or offsets or routing or bias"], 90),
         ("layer", [py, str(HERE / "moe_layer.py"), "--device", "cuda", "--tokens", "65536", "--repeats", "20",
-                   "--hf", "eager,grouped_mm", "--backends", "auto,grouped_mm",
+                   "--hf", "eager,grouped_mm", "--backends", "auto,grouped_mm,triton",
                    "--out", str(out / "moe_layer-cuda.md")], 130),
         ("train", [py, str(HERE / "train_throughput.py"), "--routers", ROUTERS, *paper,
                    "--out", str(out / "train-paper-151m-cuda.md")], 150),

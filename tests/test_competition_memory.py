@@ -11,6 +11,7 @@ import torch
 from competesmoe import MoE, MoEConfig
 from competesmoe.moe import competition as comp
 from competesmoe.moe.kernels import plan as plan_mod
+from competesmoe.moe.rowwise import rowwise
 from competesmoe.moe.experts import Experts
 
 import reference as ref
@@ -175,3 +176,26 @@ def test_winners_outputs_equal_the_separate_functions(monkeypatch, dtype, kappa)
     for got, want in zip(grads(True), grads(False)):
         assert got.dtype == want.dtype
         torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-6)
+
+
+def test_rowwise_backward_called_under_autocast_recomputes_as_forward_did():
+    """Forward runs fn with autocast off (explicit float32); a backward called inside an autocast region
+    (a common training loop) must recompute the same way, not in bf16."""
+    w = torch.randn(16, 16)
+
+    def fn(x):
+        return (x @ w).square().sum(-1)
+
+    grads = []
+    for inside in (False, True):
+        x = torch.randn(40, 16, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = rowwise(fn, x, block_elements=64)
+            if inside:
+                y.sum().backward()
+        if not inside:
+            y.sum().backward()
+        grads.append(x.grad)
+    assert torch.equal(grads[0], grads[1])
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(grads[0], 2 * (x @ w) @ w.T)                 # d/dx Σ (xW)² in float32

@@ -24,6 +24,7 @@ import tempfile
 import torch
 
 from common import emit
+from competesmoe.moe.activations import GATED
 from competesmoe.train import Trainer, run_preset
 
 
@@ -31,7 +32,7 @@ def flops_per_token(cfg) -> tuple[float, float]:
     """(forward FLOPs of a normal step, extra forward FLOPs of one competing layer), per token."""
     m, e = cfg.model, cfg.model.moe
     D, H, S, V = m.d_model, e.d_expert, cfg.data.seq_len, m.vocab_size
-    per_expert = (6 if e.activation == "swiglu" else 4) * D * H
+    per_expert = (6 if e.activation in GATED else 4) * D * H       # gated: W1 holds [gate | up]
     inner = m.n_heads * m.head_dim
     layer = 2 * D * 3 * inner + 2 * inner * D + 4 * S * inner / 2 + 2 * D * e.n_routed + per_expert * e.top_k
     rerun = e.top_k if e.competition.recompute_winners else 0

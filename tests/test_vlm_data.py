@@ -163,3 +163,83 @@ def test_batch_goes_through_a_llava_model_loss_on_replies_only(processor, tmp_pa
     ref = torch.nn.functional.cross_entropy(logits[keep], labels[keep])
     assert int(keep.sum()) == sum(len(_ids(processor, r["conversations"][1]["value"])) + 1 for r in rows)
     assert abs(out.loss.item() - ref.item()) < 1e-5
+
+
+# --- the synthetic VQA set -------------------------------------------------------------------------
+def _scene_from_pixels(img, cols=3, rows=2):
+    """(shape, colour, column) per occupied cell, read back from the pixels: the colour at the cell's
+    centre, the shape from which corners of the shape's box are filled (square: all four; triangle: the
+    bottom two only; circle: none)."""
+    from competesmoe.data.vqa_synth import COLOURS
+    a = np.asarray(img).astype(int)
+    H, W = a.shape[:2]
+    cw, ch = W / cols, H / rows
+    found = []
+    for c in range(cols):
+        for r in range(rows):
+            cx, cy = int((c + 0.5) * cw), int((r + 0.5) * ch)
+            px = tuple(a[cy, cx])
+            colour = next((k for k, v in COLOURS.items() if max(abs(p - q) for p, q in zip(px, v)) < 40), None)
+            if colour is None:
+                continue
+            m = 0.15 * min(cw, ch) + 2
+            x0, y0, x1, y1 = int(c * cw + m), int(r * ch + m), int((c + 1) * cw - m), int((r + 1) * ch - m)
+            filled = [tuple(a[y, x]) != (255, 255, 255) for x, y in ((x0, y0), (x1, y0), (x0, y1), (x1, y1))]
+            shape = "square" if all(filled) else "triangle" if filled[2] and filled[3] else "circle"
+            found.append((shape, colour, c))
+    return found
+
+
+def test_synthetic_vqa_answers_match_the_pixels():
+    from competesmoe.data.vqa_synth import NUMBERS, generate
+    items = generate(60, seed=5, size=96)
+    assert [s for s, _ in items] == [s for s, _ in generate(60, seed=5, size=96)]        # fixed by the seed
+    assert [s for s, _ in items] != [s for s, _ in generate(60, seed=6, size=96)]
+    kinds = set()
+    for sample, img in items:
+        scene = _scene_from_pixels(img)
+        q, a = sample["conversations"][0]["value"], sample["conversations"][1]["value"]
+        words = q.split()
+        kinds.add(sample["kind"])
+        if sample["kind"] == "colour":
+            shape = words[-2]
+            assert [col for s, col, _ in scene if s == shape] == [a], (q, a, scene)
+        elif sample["kind"] == "count":
+            shape = words[-2][:-1]
+            assert NUMBERS[sum(s == shape for s, _, _ in scene)] == a, (q, a, scene)
+        else:
+            first, second = words[3], words[-2]
+            (ca,), (cb,) = [c for s, _, c in scene if s == first], [c for s, _, c in scene if s == second]
+            assert a == ("yes" if ca < cb else "no"), (q, a, scene)
+    assert kinds == {"colour", "count", "relation"}
+
+
+def test_vqa_accuracy_picks_the_likeliest_answer(processor, tmp_path):
+    """Each candidate's score is the log-likelihood of its reply tokens: -(HF's mean label loss) x tokens."""
+    from competesmoe.data.vqa_synth import ANSWERS, write_vqa
+    from competesmoe.eval.vqa import score_candidates, vqa_accuracy
+    write_vqa(tmp_path, n_train=3, n_valid=3, n_test=6, seed=1, size=30)
+    text = transformers.LlamaConfig(vocab_size=len(processor.tokenizer), hidden_size=32, intermediate_size=48,
+                                    num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    vision = transformers.SiglipVisionConfig(hidden_size=24, intermediate_size=40, num_hidden_layers=1,
+                                             num_attention_heads=4, image_size=30, patch_size=6)
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=processor.image_token_id,
+        vision_feature_select_strategy="full", vision_feature_layer=-1)).eval()
+    rows = [json.loads(l) for l in (tmp_path / "test.jsonl").read_text().splitlines()]
+    right = 0
+    for row in rows:
+        cands = ANSWERS[row["kind"]]
+        scores = score_candidates(model, processor, row, cands, tmp_path / "images")
+        by_hand = []
+        for c in cands:
+            s = encode_sample({**row, "conversations": [row["conversations"][0], {"from": "gpt", "value": c}]}, "x",
+                              processor, tmp_path / "images")
+            with torch.no_grad():
+                loss = model(input_ids=s.input_ids[None], pixel_values=s.pixel_values, labels=s.labels[None]).loss
+            by_hand.append(-loss.item() * int((s.labels != -100).sum()))
+        assert torch.allclose(scores, torch.tensor(by_hand, dtype=scores.dtype), atol=1e-4)
+        right += cands[int(torch.tensor(by_hand).argmax())] == row["conversations"][1]["value"]
+    acc = vqa_accuracy(model, processor, tmp_path / "test.jsonl", tmp_path / "images")
+    assert acc["n"] == 6 and acc["accuracy"] == right / 6

@@ -133,3 +133,30 @@ def test_eval_finetune_run_and_upcycled_folder(ft_run, upcycled_folder, data_dir
     seqs = packed(loaded.valid_tokens(), 32)
     loss, _ = _by_hand(ft_run / "hf", seqs)
     assert runs[0]["tasks"]["valid_ppl"]["ppl"] == pytest.approx(math.exp(loss), rel=1e-4)
+
+
+def test_finetune_keeps_the_targets_of_an_upcycled_vlm(corpus, tmp_path):  # noqa: F811
+    """A LLaVA upcycled with targets=language and fine-tuned (text) is saved with targets=language, so
+    it reloads with the same structure (not the VLM default vision,connector)."""
+    import transformers
+    from transformers import AutoModelForImageTextToText
+    from test_finetune import chat_tokenizer
+    tok = chat_tokenizer()
+    text = transformers.LlamaConfig(vocab_size=len(tok) + 1, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    vision = transformers.SiglipVisionConfig(hidden_size=24, intermediate_size=40, num_hidden_layers=1,
+                                             num_attention_heads=4, image_size=30, patch_size=6)
+    vlm = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=len(tok), vision_feature_select_strategy="full"))
+    upcycle(vlm, targets="language").save_pretrained(tmp_path / "moe")
+    tok.save_pretrained(tmp_path / "moe")
+    cfg = finetune_preset("vit", {
+        "model.init": str(tmp_path / "moe"), "data.train": str(corpus / "train.jsonl"), "data.seq_len": 32,
+        "data.valid_fraction": 0.1, "train.out_dir": str(tmp_path / "run"), "train.steps": 1, "train.batch_size": 2,
+        "train.grad_accum": 1, "train.eval_every": 1, "train.eval_batches": 1, "train.ckpt_every": 1,
+        "train.precision": "fp32", "train.tensorboard": False, "train.warmup_steps": 0})
+    finetune(cfg, log=lambda *_: None)
+    saved = json.loads((tmp_path / "run" / "hf" / "config.json").read_text())
+    assert saved["competesmoe"]["upcycle"]["targets"] == "language"
+    back = AutoModelForImageTextToText.from_pretrained(tmp_path / "run" / "hf")
+    assert len(moe_layers(back)) == 2 and not moe_layers(back.model.vision_tower)

@@ -222,7 +222,8 @@ def build(cfg: FinetuneConfig, log: Callable[[str], None] = print, writes: bool 
         log(f"upcycled {init}: {spec.experts} experts, K {spec.top_k}, router {spec.router}, layers {spec.layers}")
     else:
         _use_settings(hf, spec)
-        hf.config.competesmoe["upcycle"] = spec.to_dict()   # saved with the final model
+        saved = hf.config.competesmoe["upcycle"].get("targets", "language")   # the structure it was built with
+        hf.config.competesmoe["upcycle"] = {**spec.to_dict(), "targets": saved}   # saved with the final model
     tok = AutoTokenizer.from_pretrained(init)
     data = load_finetune_data(cfg.data, tok, cfg.chat)
     max_pos = getattr(hf.config.get_text_config(), "max_position_embeddings", None)

@@ -147,3 +147,43 @@ def test_stage_command_pt_then_vit(vlm_folder, tmp_path, capsys):
     assert main(["vlm-pt", str(vlm_folder / "dense"), "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and "none.jsonl: no such file" in err
+
+
+def test_routing_analysis_of_a_vlm_with_images(vlm_folder, tmp_path):
+    """analyze_vlm on two VIT checkpoints against hooks and a reply cross-entropy computed here."""
+    import math
+    from competesmoe.analysis.vlm import analyze_vlm, vlm_batches
+    from competesmoe.cli import main as cli_main
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    _vit_run(vlm_folder, tmp_path / "run", steps=4, save_steps=2)
+    ckpts = [tmp_path / "run" / "checkpoint-2", tmp_path / "run" / "checkpoint-4"]
+    for c in ckpts:                                             # the Trainer saves no processor: add it
+        AutoProcessor.from_pretrained(vlm_folder / "dense").save_pretrained(c)
+    report = analyze_vlm(ckpts, vlm_folder / "data.jsonl", vlm_folder / "images", batch_size=5, log=lambda *_: None)
+    assert report["steps"] == [2, 4] and report["n_layers"] == 3 and len(report["ecr"]) == 1
+    proc = AutoProcessor.from_pretrained(ckpts[0])
+    batches = vlm_batches(vlm_folder / "data.jsonl", proc, vlm_folder / "images", batch_size=5)
+    idx, nll, n = [], 0.0, 0
+    for c in ckpts:
+        model = AutoModelForImageTextToText.from_pretrained(c).eval()
+        got = [[] for _ in moe_layers(model)]
+        hooks = [l.register_forward_hook(lambda m, a, o, i=i: got[i].append(o.indices)) for i, l in enumerate(moe_layers(model))]
+        nll, n = 0.0, 0
+        with torch.no_grad():
+            for b in batches:
+                logits = model(**{k: v for k, v in b.items() if k != "labels"}).logits[:, :-1].double()
+                y = b["labels"][:, 1:]
+                keep = y != -100
+                nll += float(torch.nn.functional.cross_entropy(logits[keep], y[keep], reduction="sum"))
+                n += int(keep.sum())
+        for h in hooks:
+            h.remove()
+        idx.append([torch.cat(g) for g in got])
+    assert idx[0][0].shape[0] == 12 * 25                      # vision layer: 12 images x 25 patches
+    per_layer = [float(1 - torch.tensor([len(set(a) & set(b)) / 2 for a, b in zip(x.tolist(), y.tolist())]).mean())
+                 for x, y in zip(*idx)]
+    assert report["ecr"][0]["per_layer"] == pytest.approx(per_layer)
+    assert report["final"]["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+    assert cli_main(["analyze", *map(str, ckpts), "--llava", str(vlm_folder / "data.jsonl"), "--images",
+                     str(vlm_folder / "images"), "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "analysis.md").is_file()

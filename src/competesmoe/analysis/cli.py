@@ -23,11 +23,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-data", help="zero-shot data folder (see docs/eval.md)")
     p.add_argument("--eval-limit", type=int, help="first N items of each zero-shot task")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--llava", metavar="DATA", help="a vision-language model: analyse it on these LLaVA-format samples "
+                                                   "(JSON/JSONL) with their images; PATHS are upcycled VLM folders, "
+                                                   "e.g. a VIT run's checkpoint-N folders")
+    p.add_argument("--images", help="image folder of --llava")
+    p.add_argument("--samples", type=int, default=256, help="first N samples of --llava")
 
 
 def main(args: argparse.Namespace) -> int:
     from .analyze import analyze_checkpoints, checkpoint_paths, run_token_set
     from .report import write_analysis
+    if args.llava:
+        from .vlm import analyze_vlm
+        report = analyze_vlm(args.paths, args.llava, args.images, args.samples, args.batch_size,
+                             shift=not args.no_shift, device=args.device)
+        out = Path(args.out) if args.out else Path(args.paths[-1]).parent / "analysis"
+        written = write_analysis(report, out)
+        print(f"analysis of {len(args.paths)} model(s) written to {written['markdown']}")
+        return 0
     paths = checkpoint_paths(args.paths)
     seqs = run_token_set(paths[-1], args.tokens, args.data, seq_len=args.seq_len)
     report = analyze_checkpoints(paths, seqs, args.batch_size, shift=not args.no_shift,

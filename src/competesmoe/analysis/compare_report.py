@@ -275,6 +275,13 @@ def significance_markdown(arm_stats: dict[str, stats.Summary], sig: list[dict[st
     return md
 
 
+def _seed_count(arm_stats: dict[str, stats.Summary], planned: int) -> str:
+    counts = sorted({s.n for s in arm_stats.values()})
+    if counts == [planned]:
+        return f"{planned} seed(s)"
+    return "the seeds each arm finished (" + ", ".join(f"{k}: {s.n}" for k, s in arm_stats.items()) + ")"
+
+
 def _effect_text(effect: tuple[float, bool]) -> str:
     return f"{100 * effect[0]:g}%" if effect[1] else f"{effect[0]:g} PPL"
 
@@ -309,7 +316,7 @@ def write_compare(runs: list[dict], settings: dict[str, Any], out_dir: str | Pat
     md = [f"# Router comparison ({settings['preset']} preset)\n",
           f"Routers: {', '.join(settings['routers'])}; seeds {settings['seeds']}; overrides: "
           f"`{' '.join(settings['overrides']) or '(none)'}`.\n",
-          f"## Quality\n\nValidation PPL: mean ± std over {n_seeds} seed(s). Zero-shot columns "
+          f"## Quality\n\nValidation PPL: mean ± std over {_seed_count(arm_stats, n_seeds)}. Zero-shot columns "
           f"(if any): mean over seeds, accuracies in %. Avg. rank over every column (1 = best).\n",
           table(header, fmt_row)]
     md += significance_markdown(arm_stats, sig, baseline, effect) if arm_stats else []

@@ -257,3 +257,13 @@ def test_dry_run_counts_equal_the_built_model(tmp_path, targets, router):
         shared = 0 if layer.shared is None else sum(p.numel() for p in layer.shared.parameters())
         active += (layer.cfg.k_routed - 1) * mlp + sum(p.numel() for p in layer.router.parameters()) + shared
     assert dry.active == active
+
+
+def test_step0_moeut_normalised_with_an_image_equals_dense():
+    torch.manual_seed(2)
+    dense = transformers.LlavaForConditionalGeneration(vlm_config("clip", "llama")).eval()
+    ids, pixels = vlm_inputs(batch=2)
+    with torch.no_grad():
+        ref = dense(input_ids=ids, pixel_values=pixels).logits
+        moe = upcycle(dense, router="moeut", router_opts={"normalize": True}, targets="vision,connector,language").eval()
+        assert (moe(input_ids=ids, pixel_values=pixels).logits - ref).abs().max() < 1e-5

@@ -257,6 +257,22 @@ def test_backend_applies_when_fine_tuning_an_upcycled_folder(llama_folder, tmp_p
             assert all(l.experts.path(torch.device("cpu"), torch.float32, 64) == backend for l in layers)
 
 
+def test_layer_units_are_the_decoder_and_vision_encoder_layers():
+    """FSDP2 and activation checkpointing work per layer: a VLM's decoder layers and vision-encoder layers."""
+    from competesmoe.train.distributed import layer_units
+    from competesmoe.train.finetune import HFCausalLM
+    vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                             num_attention_heads=2, image_size=16, patch_size=8)
+    text_cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)
+    vlm = transformers.AutoModelForImageTextToText.from_config(
+        transformers.LlavaConfig(vision_config=vision, text_config=text_cfg, image_token_id=V - 1))
+    units = layer_units(HFCausalLM(vlm))
+    assert units == list(vlm.model.language_model.layers) + list(vlm.model.vision_tower.encoder.layers)
+    llama = AutoModelForCausalLM.from_config(text_cfg)
+    assert layer_units(HFCausalLM(llama)) == list(llama.model.layers)
+
+
 def test_one_expert_is_not_an_moe(llama_folder, corpus, tmp_path, capsys):
     for argv in (["finetune", str(llama_folder), "--data", str(corpus / "train.jsonl"), "--out", str(tmp_path / "x")],
                  ["upcycle", str(llama_folder), str(tmp_path / "x")]):

@@ -196,4 +196,7 @@ def test_a_rank_other_than_0_exits_1_silently(src, monkeypatch, capsys):
                      "--out", str(src / "bad-rank")]) == 1
         err = capsys.readouterr().err
         assert err.startswith(printed) and err.count("\n") == (1 if printed else 0), err
+        with pytest.raises(SystemExit) as e:              # a bad flag: argparse's usage, from rank 0 only
+            main(["finetune", "--bogus"])
+        assert e.value.code == 2 and ("unrecognized arguments: --bogus" in capsys.readouterr().err) == (rank == "0")
     assert not (src / "bad-rank").exists()

@@ -28,6 +28,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def _rank0() -> bool:
+    """Not under torchrun, or its rank 0: every rank fails alike, rank 0 says it once."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):   # a bad flag: argparse's usage + message (exit 2), from rank 0 only
+        if _rank0():
+            super().error(message)
+        sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="competesmoe", description=__doc__.splitlines()[0])
@@ -38,14 +50,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv or ["--help"])
         return 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
-    cmd = argparse.ArgumentParser(prog=f"competesmoe {argv[0]}", description=COMMANDS[argv[0]][1],
-                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cmd = _Parser(prog=f"competesmoe {argv[0]}", description=COMMANDS[argv[0]][1],
+                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     module.add_arguments(cmd)
     args = cmd.parse_args(argv[1:])
     try:
         return int(module.main(args) or 0)
     except CompeteSMoEError as e:  # bad input: one line; anything else is a bug and keeps its traceback
-        if os.environ.get("RANK", "0") == "0":   # under torchrun every rank fails alike: rank 0 says it once
+        if _rank0():
             print(f"error: {e}", file=sys.stderr)
         return 1
 

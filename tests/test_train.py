@@ -149,7 +149,8 @@ def test_resume_continues_the_run_as_saved_and_refuses_other_settings(tmp_path, 
     assert _main("train", "--out", run, "--resume", "--set", "train.eval_every=2", "--set", "train.log_every=5") == 0
     for flags, msg in ((["--set", "train.lr=0.01"], "train.lr: checkpoint 0.003 vs now 0.01"),
                        (["--router", "xmoe"], "model.moe.router: checkpoint 'competesmoe' vs now 'xmoe'"),
-                       (["--set", "train.batch_size=16"], "train.batch_size: checkpoint 8 vs now 16")):
+                       (["--set", "train.batch_size=16"], "train.batch_size: checkpoint 8 vs now 16"),
+                       (["--data", str(tmp_path / "nope.txt")], "data.train: checkpoint 'synthetic' vs now")):
         capsys.readouterr()
         assert _main("train", "--out", run, "--resume", *flags) == 1
         err = capsys.readouterr().err

@@ -29,7 +29,7 @@ from . import checkpoint as ckpt
 from . import distributed
 from .config import RunConfig
 from .metrics import MetricsLogger, micro_metrics, step_metrics
-from .runs import check_resumable, load_weights, resolve_device
+from .runs import check_resumable, load_weights, newest_saved, resolve_device
 from .validation import lm_loss
 
 
@@ -86,6 +86,9 @@ class Trainer:
         self.out = Path(t.out_dir)
         self.ckpt_root = self.out / "checkpoints"
         check_run_folder(self.out, resume)
+        saved = newest_saved(self.ckpt_root.parent) if resume and ckpt.checkpoints(self.ckpt_root) else None
+        if saved is not None:   # refuse another config before preparing data (the tokenizer sets vocab_size)
+            check_resumable(cfg, saved[1], saved[0], later=("model.vocab_size",))
         self.device = self.dist.device
         seed_everything(t.seed)
 

@@ -46,13 +46,29 @@ def check_same_config(cfg: RunConfig, saved: str | dict, problem: str, keys: Ite
         raise ConfigError(f"{problem}:\n  " + "\n  ".join(diffs))
 
 
-def check_resumable(cfg, saved_yaml: str, path) -> None:
+def check_resumable(cfg, saved_yaml: str, path, later: Iterable[str] = ()) -> None:
     """A checkpoint only continues the run it came from: every setting but `RESUME_MAY_CHANGE` and
-    `train.steps` must be the saved one."""
-    keys = [k for k in flatten(cfg.to_dict()) if k not in RESUME_MAY_CHANGE and k != "train.steps"]
+    `train.steps` must be the saved one (`later`: settings not known yet, checked again on restore)."""
+    skip = set(RESUME_MAY_CHANGE) | {"train.steps"} | set(later)
+    keys = [k for k in flatten(cfg.to_dict()) if k not in skip]
     check_same_config(cfg, saved_yaml, f"checkpoint {path} comes from another config (a resume may change only "
                       f"{', '.join(k for k in RESUME_MAY_CHANGE if k != 'model.moe.backend')} and train.steps)",
                       keys, saved_as="checkpoint")
+
+
+def newest_saved(out: str | Path, name: str = "config.yaml") -> tuple[Path, str] | None:
+    """(folder, text) of the newest readable `name` among the run's checkpoints (their checksums are verified
+    on restore), else the run folder's own; None when there is none."""
+    out = Path(out)
+    for folder in list(reversed(ckpt.checkpoints(out / "checkpoints"))) + [out]:
+        try:
+            text = (folder / name).read_text()
+            if isinstance(yaml.safe_load(text), dict):
+                return folder, text
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+    return None
+
 
 def tied_names(model: torch.nn.Module) -> set[str]:
     """Names of parameters that are another parameter (tied embeddings): checkpoints store each tensor once."""
@@ -88,15 +104,10 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", log=print
 
 
 def saved_run_config(out: str | Path | None, name: str = "config.yaml") -> dict | None:
-    """The config a run folder was trained with, for `--resume` without the original flags: the newest good
+    """The config a run folder was trained with, for `--resume` without the original flags: its newest
     checkpoint's `name`, else the run folder's own (None when there is neither)."""
-    if out is None:
-        return None
-    found = ckpt.latest_good(Path(out) / "checkpoints", log=lambda *_: None)
-    for folder in ([found] if found is not None else []) + [Path(out)]:
-        if (folder / name).is_file():
-            return yaml.safe_load((folder / name).read_text())
-    return None
+    found = newest_saved(out, name) if out is not None else None
+    return yaml.safe_load(found[1]) if found else None
 
 
 def dump_summary(summary: dict, out_dir: Path) -> None:

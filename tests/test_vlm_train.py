@@ -187,3 +187,14 @@ def test_routing_analysis_of_a_vlm_with_images(vlm_folder, tmp_path):
     assert cli_main(["analyze", *map(str, ckpts), "--llava", str(vlm_folder / "data.jsonl"), "--images",
                      str(vlm_folder / "images"), "--out", str(tmp_path / "rep")]) == 0
     assert (tmp_path / "rep" / "analysis.md").is_file()
+
+
+def test_vlm_command_of_the_cli(vlm_folder, tmp_path, capsys):
+    from competesmoe.cli import main as cli_main
+    rc = cli_main(["vlm", "vlm-pft", str(vlm_folder / "dense"), "--data", str(vlm_folder / "data.jsonl"), "--images",
+                   str(vlm_folder / "images"), "--out", str(tmp_path / "pft"), "--set", "steps=1", "--set", "batch_size=2",
+                   "--set", "grad_accum=1", "--set", "precision=fp32"])
+    assert rc == 0 and (tmp_path / "pft" / "final" / "config.json").is_file()
+    assert cli_main(["vlm", "vlm-pft", str(vlm_folder / "dense"), "--data", str(vlm_folder / "data.jsonl"), "--out",
+                     str(tmp_path / "x"), "--set", "trainable=head"]) == 1
+    assert "trainable must be" in capsys.readouterr().err

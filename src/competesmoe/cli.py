@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "recovery": ("competesmoe.theory.recovery", "expert recovery of the real MoE layer against the sample size"),
     "upcycle": ("competesmoe.train.upcycle_cli", "turn a dense model (Hugging Face or model.dense) into an MoE"),
     "finetune": ("competesmoe.train.finetune_cli", "fine-tune an upcycled (or dense, upcycled first) model with any router"),
+    "vlm": ("competesmoe.train.vlm", "a LLaVA-style model's training stage: vlm-pt, vlm-pft, vlm-vit (Table 10)"),
 }
 
 

@@ -233,14 +233,16 @@ def add_arguments(p) -> None:
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) bad samples instead of stopping")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m competesmoe.train.vlm STAGE SRC --data D --images I --out O`; errors as one line."""
+def main(args: Any = None) -> int:
+    """`competesmoe vlm STAGE SRC --data D --images I --out O` (or `python -m competesmoe.train.vlm ...`;
+    `args`: parsed arguments or an argv list); errors as one line."""
     import argparse
     import sys
     from ..errors import CompeteSMoEError
-    p = argparse.ArgumentParser(prog="python -m competesmoe.train.vlm", description=__doc__.split("\n")[0])
-    add_arguments(p)
-    args = p.parse_args(argv)
+    if args is None or isinstance(args, list):
+        p = argparse.ArgumentParser(prog="competesmoe vlm", description=__doc__.split("\n")[0])
+        add_arguments(p)
+        args = p.parse_args(args)
     try:
         final = train_stage(args.stage, args.src, args.data, args.images, args.out, args.overrides, args.resume,
                             args.skip_bad)

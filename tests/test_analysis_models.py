@@ -80,6 +80,14 @@ def test_finetune_run_loads_from_its_checkpoints(ft_run):
     assert all(torch.equal(v, sd[k]) for k, v in last.model.hf.state_dict().items())
     first = load_any(paths[0], log=lambda *_: None)
     assert not torch.equal(moe_layers(first.model)[0].router.gate.weight, moe_layers(last.model)[0].router.gate.weight)
+    # a run still training has no RUN/hf: the architecture comes from model.init (dense: upcycled again)
+    (ft_run / "hf").rename(ft_run / "hf-aside")
+    try:
+        mid = load_any(paths[0], log=lambda *_: None)
+    finally:
+        (ft_run / "hf-aside").rename(ft_run / "hf")
+    a, b = first.model.state_dict(), mid.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_analyze_finetune_run(ft_run, tmp_path):

@@ -198,3 +198,14 @@ def test_vlm_command_of_the_cli(vlm_folder, tmp_path, capsys):
     assert cli_main(["vlm", "vlm-pft", str(vlm_folder / "dense"), "--data", str(vlm_folder / "data.jsonl"), "--out",
                      str(tmp_path / "x"), "--set", "trainable=head"]) == 1
     assert "trainable must be" in capsys.readouterr().err
+
+
+def test_cli_upcycles_a_vlm_folder_with_its_processor(vlm_folder, tmp_path, capsys):
+    from competesmoe.cli import main as cli_main
+    from transformers import AutoProcessor
+    out = tmp_path / "moe"
+    assert cli_main(["upcycle", str(vlm_folder / "dense"), str(out), "--router", "smoe"]) == 0
+    assert "targets vision,connector" in capsys.readouterr().out
+    model, proc = load_vlm(out)
+    assert len(moe_layers(model)) == 3 and model.config.competesmoe["upcycle"]["router"] == "smoe"
+    assert proc.image_token_id == AutoProcessor.from_pretrained(vlm_folder / "dense").image_token_id

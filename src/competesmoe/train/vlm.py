@@ -51,6 +51,7 @@ class VLMStage(Config):
     epochs: float = 1.0
     steps: int = -1                                # > 0: a fixed number of optimizer steps instead of epochs
     precision: str = "auto"                        # auto: bf16 where supported, else fp32; or bf16 / fp32
+    device: str = "auto"                           # auto: the Trainer's choice (CUDA when there is one); cpu
     seed: int = 42
     save_steps: int = 500
     logging_steps: int = 10
@@ -65,6 +66,7 @@ class VLMStage(Config):
         check(self.lr > 0 and self.batch_size >= 1 and self.grad_accum >= 1 and self.max_length >= 1,
               "lr, batch_size, grad_accum and max_length must be positive")
         check(self.precision in ("auto", "bf16", "fp32"), f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        check(self.device in ("auto", "cpu"), f"device must be auto (the Trainer's choice) or cpu, got {self.device!r}")
 
     @property
     def groups(self) -> list[str]:
@@ -126,10 +128,14 @@ class _Samples(torch.utils.data.Dataset):
         return self.samples[i]
 
 
-def _bf16(stage: VLMStage, device: torch.device) -> bool:
+def _use_cpu(stage: VLMStage) -> bool:
+    return stage.device == "cpu" or not torch.cuda.is_available()
+
+
+def _bf16(stage: VLMStage) -> bool:
     if stage.precision != "auto":
         return stage.precision == "bf16"
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return not _use_cpu(stage) and torch.cuda.is_bf16_supported()
 
 
 def load_vlm(src: str | Path):
@@ -144,16 +150,15 @@ def make_trainer(stage: VLMStage, model: nn.Module, processor: Any, samples: lis
     from transformers import TrainingArguments
     from ..data.llava import collate
     from .hf_callback import CompetitionCallback
-    device = next(model.parameters()).device
     pad = processor.tokenizer.pad_token_id
     pad = pad if pad is not None else processor.tokenizer.eos_token_id
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=stage.batch_size, gradient_accumulation_steps=stage.grad_accum,
         learning_rate=stage.lr, lr_scheduler_type="cosine", warmup_steps=float(stage.warmup_ratio),  # a float < 1: a ratio
         weight_decay=stage.weight_decay, num_train_epochs=stage.epochs, max_steps=stage.steps,
-        bf16=_bf16(stage, device), logging_steps=stage.logging_steps, save_steps=stage.save_steps,
+        bf16=_bf16(stage), logging_steps=stage.logging_steps, save_steps=stage.save_steps,
         seed=stage.seed, data_seed=stage.seed, report_to=[], remove_unused_columns=False,
-        dataloader_num_workers=0, use_cpu=device.type == "cpu", disable_tqdm=True)
+        dataloader_num_workers=0, use_cpu=_use_cpu(stage), disable_tqdm=True)
     cbs = list(callbacks or [])
     if is_upcycled(model) and any(True for _ in _moe(model)):
         cbs.append(CompetitionCallback(stage.schedule))

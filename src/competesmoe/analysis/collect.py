@@ -6,6 +6,7 @@ Shapes: B sequences, S positions, T = B·S tokens, K choices, N routed experts.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -34,10 +35,10 @@ class Routings(LMLoss):    # loss, tokens, seconds (hooks included) and ppl of t
         return [layer.cat("indices") for layer in self.layers]
 
 
-@torch.no_grad()
-def collect(model: nn.Module, seqs_BS1: torch.Tensor, batch_size: int = 16, winners: bool = True,
-            device: str | torch.device = "cpu") -> Routings:
-    """Routing of every MoE layer on `seqs_BS1` (inputs [:, :-1], targets [:, 1:]) in eval mode."""
+@contextmanager
+def recording(model: nn.Module, winners: bool = True):
+    """Inside the block, every MoE layer's routing (and with `winners` the competition's) is appended to the
+    yielded `LayerRouting`s, one per layer in module order."""
     layers = moe_layers(model)
     if not layers:
         raise ValueError("the model has no MoE layers")
@@ -55,8 +56,16 @@ def collect(model: nn.Module, seqs_BS1: torch.Tensor, batch_size: int = 16, winn
 
     handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
     try:
-        res = lm_loss(model, seqs_BS1.split(batch_size), device)
+        yield records
     finally:
         for h in handles:
             h.remove()
+
+
+@torch.no_grad()
+def collect(model: nn.Module, seqs_BS1: torch.Tensor, batch_size: int = 16, winners: bool = True,
+            device: str | torch.device = "cpu") -> Routings:
+    """Routing of every MoE layer on `seqs_BS1` (inputs [:, :-1], targets [:, 1:]) in eval mode."""
+    with recording(model, winners) as records:
+        res = lm_loss(model, seqs_BS1.split(batch_size), device)
     return Routings(res.loss, res.tokens, res.seconds, records)

@@ -20,7 +20,7 @@ import torch
 from ..moe import moe_layers
 from . import metrics
 from .analyze import _agreement
-from .collect import LayerRouting, Routings
+from .collect import Routings, recording
 from .shift import top_k_shift
 
 
@@ -36,36 +36,19 @@ def vlm_batches(data: str | Path, processor: Any, images: str | Path | None, max
 @torch.no_grad()
 def collect_vlm(model: torch.nn.Module, batches: Sequence[dict], winners: bool = True) -> Routings:
     """Every MoE layer's routing on `batches` (eval mode) and the mean loss over the reply tokens."""
-    layers = moe_layers(model)
-    if not layers:
-        raise ValueError("the model has no MoE layers")
-    records = [LayerRouting() for _ in layers]
-
-    def hook(i):
-        def fn(module, args, out):
-            rec = records[i]
-            rec.indices.append(out.indices.cpu())
-            rec.weights.append(out.weights.float().cpu())
-            rec.logits.append(out.router_logits.float().cpu())
-            if winners:
-                rec.winners.append(module.competition_winners(args[0])[0].cpu())
-        return fn
-
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
     total, count = 0.0, 0
     try:
-        for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            out = model(**batch, include_aux_loss=False)
-            n = int((batch["labels"][:, 1:] != -100).sum())
-            total += float(out.loss) * n
-            count += n
+        with recording(model, winners) as records:
+            for batch in batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                out = model(**batch, include_aux_loss=False)
+                n = int((batch["labels"][:, 1:] != -100).sum())
+                total += float(out.loss) * n
+                count += n
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
     return Routings(total / max(count, 1), count, 0.0, records)
 

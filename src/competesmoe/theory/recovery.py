@@ -129,17 +129,18 @@ def make_teacher(kind: str, cfg: RecoveryConfig):
     raise RuntimeError("no teacher with balanced, distinct experts found")  # pragma: no cover
 
 
+def routed_by(moe, competition: bool) -> Callable:
+    """The layer as a function of x: gated by its competition (training mode, compete=True) or by its router
+    (eval mode)."""
+    def fwd(x):
+        moe.train(competition)
+        return moe(x, compete=True) if competition else moe(x)
+    return fwd
+
+
 def teacher_forward(moe, kind: str) -> Callable:
     """How a teacher routes: its competition (every expert active) or its softmax router."""
-    if kind == "competition":
-        def fwd(x):
-            moe.train()
-            return moe(x, compete=True)
-    else:
-        def fwd(x):
-            moe.eval()
-            return moe(x)
-    return fwd
+    return routed_by(moe, kind == "competition")
 
 
 def sample_inputs(n: int, d: int, gen: torch.Generator) -> torch.Tensor:
@@ -205,15 +206,7 @@ def train_student(spec: str, teacher, x: torch.Tensor, y: torch.Tensor, cfg: Rec
 
 def student_forward(moe, spec: str) -> Callable:
     """How a trained student is used: through its router (eval), or by competition for `ideal`."""
-    if parse_student(spec)[0] == "ideal":
-        def fwd(x):
-            moe.train()
-            return moe(x, compete=True)
-    else:
-        def fwd(x):
-            moe.eval()
-            return moe(x)
-    return fwd
+    return routed_by(moe, parse_student(spec)[0] == "ideal")
 
 
 @torch.no_grad()

@@ -209,3 +209,36 @@ def test_cli_upcycles_a_vlm_folder_with_its_processor(vlm_folder, tmp_path, caps
     model, proc = load_vlm(out)
     assert len(moe_layers(model)) == 3 and model.config.competesmoe["upcycle"]["router"] == "smoe"
     assert proc.image_token_id == AutoProcessor.from_pretrained(vlm_folder / "dense").image_token_id
+
+
+def test_outputs_keep_the_aux_loss_when_rebuilt_from_their_fields():
+    """DDP rebuilds a model's output from its dataclass fields (torch's pytree): an upcycled model's output
+    type has an `aux_loss` field (adding a key to LLaVA's output crashed the first DDP step)."""
+    from torch.utils import _pytree
+    from competesmoe.model.upcycle import with_aux_loss
+    cls = with_aux_loss(transformers.modeling_outputs.CausalLMOutputWithPast)
+    out = cls(loss=torch.tensor(1.0), logits=torch.zeros(1, 2, 3), aux_loss=torch.tensor(0.5))
+    leaves, spec = _pytree.tree_flatten(out)
+    again = _pytree.tree_unflatten(leaves, spec)
+    assert type(again) is cls and float(again.aux_loss) == 0.5 and float(again.loss) == 1.0
+    moe_out = transformers.modeling_outputs.MoeCausalLMOutputWithPast     # has the field already
+    assert with_aux_loss(moe_out) is moe_out
+
+
+def test_vit_stage_on_two_gloo_processes(vlm_folder, tmp_path):
+    """`torchrun --nproc-per-node 2 ... competesmoe vlm vlm-vit` (DDP over gloo through transformers' Trainer):
+    trains, rank 0 writes the final folder, and it loads in one process with its MoE layers."""
+    import os
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "competesmoe", "vlm", "vlm-vit",
+           str(vlm_folder / "dense"), "--data", str(vlm_folder / "data.jsonl"), "--images", str(vlm_folder / "images"),
+           "--out", str(tmp_path / "vit"), "--set", "batch_size=2", "--set", "grad_accum=1", "--set", "steps=2",
+           "--set", "precision=fp32"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    model, _ = load_vlm(tmp_path / "vit" / "final")
+    assert len(moe_layers(model)) == 3 and model.config.competesmoe["upcycle"]["targets"] == "vision,connector"
+    state = json.loads((tmp_path / "vit" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2

@@ -391,8 +391,19 @@ class _UpcycledMixin:
         include = getattr(self.config, "include_aux_loss", True) if include_aux_loss is None else include_aux_loss
         if labels is not None and include and out.loss is not None:
             out["loss"] = out.loss + aux
-        out["aux_loss"] = aux
-        return out
+        return with_aux_loss(type(out))(**out, aux_loss=aux)
+
+
+@functools.cache
+def with_aux_loss(output_cls: type) -> type:
+    """`output_cls` with an `aux_loss` field. A key added to a `ModelOutput` is not enough: DDP (and
+    torch.compile) rebuild outputs from their dataclass fields, and transformers' causal-LM / LLaVA outputs
+    have no `aux_loss` field (a subclass is registered with torch's pytree like any `ModelOutput`)."""
+    if "aux_loss" in {f.name for f in dataclasses.fields(output_cls)}:
+        return output_cls
+    return dataclasses.make_dataclass(f"{output_cls.__name__}WithAuxLoss",
+                                      [("aux_loss", torch.Tensor | None, field(default=None))],
+                                      bases=(output_cls,), namespace={"__module__": __name__})
 
 
 def _inherit_key_mapping(model_cls: type, base_cfg: type, name: str) -> None:

@@ -159,6 +159,7 @@ def competition_reference(experts, x_TD, k: int, kappa_name: str, eps: float):
 def distill_reference(logits_TN, target_TN, winners, alpha: float, k: int) -> float:
     total = 0.0
     T, N = logits_TN.shape
+    target_TN = target_TN.detach()
     for t in range(T):
         p = softmax(logits_TN[t].detach().double())
         mse = sum(float(p[i] - target_TN[t, i]) ** 2 for i in range(N)) / N

@@ -170,6 +170,7 @@ def distill_reference(logits_TN, target_TN, winners, alpha: float, k: int) -> fl
 
 def diversity_reference(out_TKD) -> float:
     T, K, _ = out_TKD.shape
+    out_TKD = out_TKD.detach()
     total = 0.0
     for t in range(T):
         s = 0.0

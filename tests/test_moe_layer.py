@@ -311,7 +311,7 @@ def test_distill_target_topk_uses_the_routers_sparse_policy():
             s_r[i] = zi / sum(z)
         s_c = [0.0] * 6
         for j, w in zip(winners[t], weights[t]):
-            s_c[j] = float(w)
+            s_c[j] = float(w.detach())
         total += sum((a - b) ** 2 for a, b in zip(s_r, s_c)) / 6 + 0.5 / 2 * sum((s_c[j] - s_r[j]) ** 2
                                                                                for j in winners[t])
     assert out.stats["distill"].item() == pytest.approx(total / 10, rel=1e-4)

@@ -191,7 +191,7 @@ def switch_reference(logits_TN, idx) -> float:
         for e in row:
             counts[int(e)] += 1
     n_assign = sum(counts)
-    P = [sum(float(softmax(logits_TN[t].double())[i]) for t in range(T)) / T for i in range(N)]
+    P = [sum(float(softmax(logits_TN[t].detach().double())[i]) for t in range(T)) / T for i in range(N)]
     return N * sum(counts[i] / n_assign * P[i] for i in range(N))
 
 
@@ -199,10 +199,10 @@ def entropy_reference(logits_BSN) -> float:
     B, S, N = logits_BSN.shape
     total = 0.0
     for b in range(B):
-        p = [sum(float(softmax(logits_BSN[b, s].double())[i]) for s in range(S)) / S for i in range(N)]
+        p = [sum(float(softmax(logits_BSN[b, s].detach().double())[i]) for s in range(S)) / S for i in range(N)]
         total += sum(pi * math.log(pi) for pi in p if pi > 0)
     return total / B
 
 
 def zloss_reference(logits_TN) -> float:
-    return sum(float(torch.log(torch.exp(row.double()).sum())) ** 2 for row in logits_TN) / logits_TN.shape[0]
+    return sum(float(torch.log(torch.exp(row.detach().double()).sum())) ** 2 for row in logits_TN) / logits_TN.shape[0]

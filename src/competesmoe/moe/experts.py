@@ -160,7 +160,7 @@ class Experts(nn.Module):
         dt = x_TD.dtype
         plan = SortedPairs.of(idx_TK, self.n_experts)
         x_MD = x_TD.index_select(0, plan.token_M)
-        scale_M = None if w_TK is None else w_TK.reshape(-1).index_select(0, plan.pair_M).to(dt)
+        scale_M = plan.sorted_weights(w_TK, dt)
         w1, w2 = self.w1.to(dt).transpose(1, 2), self.w2.to(dt).transpose(1, 2)   # [N, in, out] views
         h_MH = F.grouped_mm(x_MD, w1, offs=plan.offsets_N)
         if self.b1 is not None:

@@ -38,7 +38,7 @@ class _Segments:
         weighted = w_TK is not None
         self.tok_e = self.plan.token_M.split(self.counts)
         self.dst_e = (self.plan.token_M if weighted else self.plan.pair_M).split(self.counts)
-        self.scale_M = None if not weighted else w_TK.reshape(-1).index_select(0, self.plan.pair_M).to(dtype)
+        self.scale_M = self.plan.sorted_weights(w_TK, dtype)
         self.fold = weighted and w2.shape[2] <= w2.shape[1]
         self.n_max = max(self.counts, default=0)
 

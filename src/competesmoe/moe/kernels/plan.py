@@ -29,18 +29,16 @@ class SortedPairs:
     token_M: torch.Tensor       # sorted row m -> its token t
     expert_M: torch.Tensor      # sorted row m -> its expert
     count_N: torch.Tensor       # pairs per expert (int64)
-    n_tokens: int
-    top_k: int
 
     @classmethod
     def of(cls, idx_TK: torch.Tensor, n_experts: int) -> "SortedPairs":
-        T, K = idx_TK.shape
+        K = idx_TK.shape[1]
         flat_M = idx_TK.reshape(-1)
         pair_M = flat_M.argsort(stable=True)
         # (bincount reads the maximum back to the host; a scatter-add does not)
         count_N = torch.zeros(n_experts, dtype=torch.int64, device=idx_TK.device).index_add_(
             0, flat_M, torch.ones_like(flat_M))
-        return cls(pair_M, pair_M // K, flat_M.index_select(0, pair_M), count_N, T, K)
+        return cls(pair_M, pair_M // K, flat_M.index_select(0, pair_M), count_N)
 
     @property
     def start_N(self) -> torch.Tensor:
@@ -51,6 +49,10 @@ class SortedPairs:
     def offsets_N(self) -> torch.Tensor:
         """End row of each expert, int32: `torch.nn.functional.grouped_mm`'s `offs`."""
         return self.count_N.cumsum(0).to(torch.int32)
+
+    def sorted_weights(self, w_TK: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """The routing weights in sorted-pair order, [M], in `dtype` (None stays None)."""
+        return None if w_TK is None else w_TK.reshape(-1).index_select(0, self.pair_M).to(dtype)
 
     def counts(self) -> list[int]:
         """Pairs per expert on the host (one device sync)."""

@@ -159,10 +159,11 @@ class Routing:
 
     def __init__(self, idx_TK: torch.Tensor, n_experts: int, block_m: int) -> None:
         T, K = idx_TK.shape
-        plan = SortedPairs.of(idx_TK, n_experts)
+        self.plan = plan = SortedPairs.of(idx_TK, n_experts)
+        start_N = plan.start_N
         self.pair_M, self.token_M = plan.pair_M.to(torch.int32), plan.token_M.to(torch.int32)
         self.expert_M = plan.expert_M
-        self.count_N, self.start_N = plan.count_N.to(torch.int32), plan.start_N.to(torch.int32)
+        self.count_N, self.start_N = plan.count_N.to(torch.int32), start_N.to(torch.int32)
         nblk_N = (plan.count_N + block_m - 1) // block_m
         last_N = nblk_N.cumsum(0)
         n_blocks = triton.cdiv(T * K, block_m) + n_experts                # upper bound on the real blocks
@@ -170,8 +171,8 @@ class Routing:
         e = torch.searchsorted(last_N, b, right=True)
         ec = e.clamp(max=n_experts - 1)
         self.blk_e = torch.where(e < n_experts, ec, -1).to(torch.int32)
-        self.blk_start = (plan.start_N[ec] + (b - (last_N[ec] - nblk_N[ec])) * block_m).to(torch.int32)
-        self.blk_end = (plan.start_N[ec] + plan.count_N[ec]).to(torch.int32)
+        self.blk_start = (start_N[ec] + (b - (last_N[ec] - nblk_N[ec])) * block_m).to(torch.int32)
+        self.blk_end = (start_N[ec] + plan.count_N[ec]).to(torch.int32)
         self.n_blocks, self.block_m, self.T, self.K = n_blocks, block_m, T, K
 
 
@@ -210,10 +211,6 @@ def outer(a, b, routing: Routing, a_src=None, a_scale=None, b_src=None) -> torch
 
 
 # --- custom operators -----------------------------------------------------------------------------------
-def _scale(w_TK: Optional[Tensor], r: Routing, dtype: torch.dtype) -> Optional[Tensor]:
-    return None if w_TK is None else w_TK.reshape(-1)[r.pair_M.long()].to(dtype)
-
-
 @torch.library.custom_op("competesmoe::triton_experts", mutates_args=())
 def triton_experts(x_TD: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
                    w_TK: Optional[Tensor], idx_TK: Tensor, act: str, keep: bool) -> tuple[Tensor, Tensor]:
@@ -224,7 +221,7 @@ def triton_experts(x_TD: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b
     x_TD = x_TD.contiguous()
     h_MH = gmm(x_TD, w1.transpose(1, 2), r, T * K, src=r.token_M, bias=b1)          # sorted rows
     a_MH = lookup(act)(h_MH)
-    out_PO = gmm(a_MH, w2.transpose(1, 2), r, T * K, bias=b2, scale=_scale(w_TK, r, x_TD.dtype), dst=r.pair_M)
+    out_PO = gmm(a_MH, w2.transpose(1, 2), r, T * K, bias=b2, scale=r.plan.sorted_weights(w_TK, x_TD.dtype), dst=r.pair_M)
     out_TKO = out_PO.view(T, K, -1)
     out = out_TKO if w_TK is None else out_TKO.sum(dim=1)
     return out, (h_MH if keep else h_MH.new_empty(0, h_MH.shape[1]))
@@ -240,7 +237,7 @@ def triton_experts_backward(g: Tensor, x_TD: Tensor, w1: Tensor, b1: Optional[Te
     T, K = idx_TK.shape
     r = Routing(idx_TK, w1.shape[0], block_sizes(x_TD.dtype)[0])
     x_TD = x_TD.contiguous()
-    scale_M = _scale(w_TK, r, x_TD.dtype)
+    scale_M = r.plan.sorted_weights(w_TK, x_TD.dtype)
     weighted = w_TK is not None
     g = g.contiguous().to(x_TD.dtype)
     g_rows = g if weighted else g.reshape(-1, g.shape[-1])         # [T, O] or [T·K, O]

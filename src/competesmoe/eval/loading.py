@@ -29,7 +29,7 @@ from torch import nn
 from ..data import DataError
 from ..moe import moe_layers
 
-UPCYCLED = "competesmoe_upcycled"
+UPCYCLED = "competesmoe_upcycled"   # = model.upcycle.MODEL_TYPE, which imports transformers; this module must not
 
 
 @dataclass

@@ -235,13 +235,19 @@ def _layer_list(root: nn.Module) -> nn.ModuleList | None:
     return None
 
 
-def _part(model: nn.Module, name: str) -> nn.Module | None:
-    """The first submodule held under attribute `name` (LLaVA: model.vision_tower, model.multi_modal_projector)."""
+def _holder(model: nn.Module, name: str) -> tuple[nn.Module, nn.Module] | None:
+    """(parent, submodule) of the first submodule held under attribute `name` (LLaVA: model.vision_tower,
+    model.multi_modal_projector)."""
     for module in model.modules():
         found = getattr(module, name, None)
         if isinstance(found, nn.Module):
-            return found
+            return module, found
     return None
+
+
+def _part(model: nn.Module, name: str) -> nn.Module | None:
+    held = _holder(model, name)
+    return None if held is None else held[1]
 
 
 def vision_tower(model: nn.Module) -> nn.Module | None:
@@ -470,11 +476,11 @@ def sites(model: nn.Module, spec: UpcycleConfig, targets: list[str]) -> list[tup
             where = f"vision layer {i} mlp"
             found.append((where, layers[i], "mlp", read_dense_mlp(layers[i].mlp, where, VISION_ADAPTERS, VISION_EXPECTED)))
     if "connector" in targets:
-        projector = _part(model, "multi_modal_projector")
-        if projector is None:
+        held = _holder(model, "multi_modal_projector")
+        if held is None:
             raise UpcycleError(f"targets connector: {type(model).__name__} has no connector (no `multi_modal_projector` "
                                f"module, as LLaVA has)")
-        parent = next(m for m in model.modules() if getattr(m, "multi_modal_projector", None) is projector)
+        parent, projector = held
         found.append(("connector", parent, "multi_modal_projector",
                       read_dense_mlp(projector, "connector", CONNECTOR_ADAPTERS, CONNECTOR_EXPECTED)))
     if "language" in targets:

@@ -29,7 +29,7 @@ from ..data.chat import unmask
 from ..moe import moe_layers
 from ..model.loss import lm_cross_entropy
 from ..model.transformer import LMOutput
-from ..model.upcycle import UpcycleConfig, UpcycleError, decoder_layers, is_upcycled, upcycle, upcycle_transformer
+from ..model.upcycle import MODEL_TYPE, UpcycleConfig, UpcycleError, decoder_layers, is_upcycled, upcycle, upcycle_transformer
 from . import distributed
 from .config import RunConfig, TrainConfig
 from .loading import is_competesmoe_source, load_competesmoe, load_dense_hf
@@ -147,7 +147,7 @@ def init_spec(init: str) -> dict | None:
             cfg = json.loads(path.read_text())
         except ValueError as e:
             raise UpcycleError(f"{path}: not a model's config.json ({e})") from None
-        if isinstance(cfg, dict) and cfg.get("model_type") == "competesmoe_upcycled":
+        if isinstance(cfg, dict) and cfg.get("model_type") == MODEL_TYPE:
             return cfg["competesmoe"]["upcycle"]
     if is_competesmoe_source(init):
         model, _ = load_competesmoe(init, log=lambda *_: None)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..model.upcycle import UpcycleConfig, UpcycleError, resolve_targets, sites, upcycle
+from ..model.upcycle import MODEL_TYPE, UpcycleConfig, UpcycleError, resolve_targets, sites, upcycle
 from ..moe import moe_layers
 
 
@@ -86,7 +86,7 @@ def plan(src: str | Path, spec: UpcycleConfig) -> UpcyclePlan:
         config = AutoConfig.from_pretrained(str(src))
     except (OSError, ValueError) as e:
         raise UpcycleError(f"{src}: cannot read a Hugging Face config.json ({e})") from e
-    if getattr(config, "model_type", None) == "competesmoe_upcycled":
+    if getattr(config, "model_type", None) == MODEL_TYPE:
         raise UpcycleError(f"{src} is already upcycled")
     with torch.device("meta"):
         model = auto_class(config).from_config(config)

@@ -36,6 +36,12 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_dirs(root: Path) -> None:
+    """`fsync_dir` on every folder below `root` and on `root` itself (before it is renamed into place)."""
+    for d in [p for p in root.rglob("*") if p.is_dir()] + [root]:
+        fsync_dir(d)
+
+
 def temporary_name(path: Path) -> Path:
     """A hidden, unique name next to `path`."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -72,8 +78,7 @@ def atomic_folder(path: str | Path, fill: Callable[[Path], None]) -> Path:
         for f in [p for p in tmp.rglob("*") if p.is_file()]:
             with open(f, "rb+") as fh:
                 os.fsync(fh.fileno())
-        for d in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:
-            fsync_dir(d)
+        fsync_dirs(tmp)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{time.time_ns()}")

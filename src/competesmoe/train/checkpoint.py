@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CompeteSMoEError
-from ..files import fsync_dir, fsync_write
+from ..files import fsync_dir, fsync_dirs, fsync_write
 
 FILES = ("model.safetensors", "trainer.pt", "config.yaml")
 PREFIX = "step_"
@@ -86,8 +86,7 @@ def _finish(root: Path, tmp: Path, final: Path, step: int, config_yaml: str, tok
     names = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file())
     manifest = {"step": step, "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in names}}
     fsync_write(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
-    for d in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:
-        fsync_dir(d)
+    fsync_dirs(tmp)
     if final.exists():  # never overwrite: keep whatever was there (e.g. a corrupt one) aside
         final.rename(root / f"{final.name}.replaced-{time.time_ns()}")
     tmp.rename(final)

@@ -205,9 +205,13 @@ def _layer_worker(rank, store):
     _init(rank, store)
     assert exchange_method(dist.group.WORLD) == "all_to_all"   # gloo has all_to_all_single in torch 2.13
     B, S, D = 2, 5, 8
-    for kappa, method, dtype in [("softplus", "all_to_all", torch.float64), ("softmax", "all_gather", torch.float64),
-                                 ("softplus", "all_gather", torch.float32)]:
-        cfg = MoEConfig(d_model=D, d_expert=4, n_experts=6, top_k=2, router="competesmoe",
+    # the last case: experts wider out than in (a LLaVA connector's experts), where a rank that receives no
+    # pair must still expect output-wide rows back
+    for kappa, method, dtype, d_out in [("softplus", "all_to_all", torch.float64, None),
+                                        ("softmax", "all_gather", torch.float64, None),
+                                        ("softplus", "all_gather", torch.float32, None),
+                                        ("softmax", "all_to_all", torch.float64, 11)]:
+        cfg = MoEConfig(d_model=D, d_expert=4, n_experts=6, top_k=2, router="competesmoe", d_out=d_out,
                         competition=CompetitionConfig(kappa=kappa),
                         losses=LossConfig(balance="entropy", balance_coef=0.1, zloss_coef=0.0))
         torch.manual_seed(0)
@@ -216,7 +220,7 @@ def _layer_worker(rank, store):
         ep.experts = ExpertParallelExperts(ep.experts, dist.group.WORLD, exchange=method)
         assert ep.experts.w1.shape[0] == 3
         x = torch.randn(2 * B, S, D, dtype=dtype)
-        c = torch.randn(D, dtype=dtype)
+        c = torch.randn(d_out or D, dtype=dtype)
         mine = slice(rank * B, (rank + 1) * B)
         tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
         for compete in (False, True):
@@ -293,3 +297,26 @@ def test_single_process_refuses_expert_parallel_and_config_checks(tmp_path):
         run_preset("tiny", ["train.parallel=tp"])
     with pytest.raises(Exception, match="must divide the 16 routed experts"):
         run_preset("tiny", ["train.expert_parallel=3"])
+
+
+def test_optimizer_state_is_created_only_where_missing():
+    """A checkpoint of a run where some weight never had a gradient (SigLIP's pooling head under LLaVA) creates
+    that weight's state (zeros) and leaves every other weight's moments and step count as they were (it used
+    to step all of them once at lr 0, decaying their moments: training after a sharded checkpoint drifted)."""
+    from competesmoe.train.distributed import ensure_optimizer_state
+    used, unused = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2))
+    opt = torch.optim.AdamW([used, unused], lr=0.1)
+    used.grad = torch.randn(3)
+    opt.step()
+    before = {k: v.clone() for k, v in opt.state[used].items()}
+    w_used, w_unused = used.detach().clone(), unused.detach().clone()
+    grad = used.grad
+    ensure_optimizer_state(opt)
+    assert all(torch.equal(opt.state[used][k], before[k]) for k in before)
+    assert torch.equal(opt.state[unused]["exp_avg"], torch.zeros(2))
+    assert torch.equal(opt.state[unused]["exp_avg_sq"], torch.zeros(2))
+    assert torch.equal(used.detach(), w_used) and torch.equal(unused.detach(), w_unused)
+    assert used.grad is grad and unused.grad is None and opt.param_groups[0]["lr"] == 0.1
+    fresh = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    ensure_optimizer_state(fresh)                       # no step ran: every weight gets zero state
+    assert len(fresh.state) == 1

@@ -1,7 +1,7 @@
 """The routing analyses (ECR, router–competition agreement, entropies, load, top-(K+1) shift) of a
 vision–language model on a fixed set of LLaVA-format samples with their images.
 
-    report = analyze_vlm(["runs/vit/checkpoint-100", "runs/vit/checkpoint-200"], "test.jsonl", "images/")
+    report = analyze_vlm(["runs/vit/checkpoints/step_00000100", "runs/vit/hf"], "test.jsonl", "images/")
 
 Every MoE layer counts — vision encoder layers (their tokens are image patches), the connector, decoder
 layers — in module order. The "perplexity" is that of the reply tokens (the samples' labels), the loss the
@@ -10,6 +10,7 @@ model computes without the auxiliary loss. The report has the schema of `analysi
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -54,21 +55,43 @@ def collect_vlm(model: torch.nn.Module, batches: Sequence[dict], winners: bool =
 
 
 def _step(path: Path) -> int:
+    """A checkpoint's step, a run's final model's (RUN/hf: its summary.json), else -1."""
     m = re.search(r"(?:checkpoint-|step_)(\d+)$", Path(path).name)
-    return int(m.group(1)) if m else -1
+    if m:
+        return int(m.group(1))
+    summary = Path(path).parent / "summary.json"
+    if Path(path).name == "hf" and summary.is_file():
+        return int(json.loads(summary.read_text())["step"])
+    return -1
+
+
+def load_vlm(path: str | Path, device: Any = "cpu") -> tuple[torch.nn.Module, Any]:
+    """(model in eval mode, processor) of an upcycled VLM: a folder (RUN/hf, `competesmoe upcycle` OUT) or a
+    `competesmoe vlm`/`finetune` run or checkpoint (its processor: RUN/hf once written, else model.init's)."""
+    from transformers import AutoProcessor
+    from ..data import DataError
+    from ..eval.loading import load_any
+    from ..model.upcycle import is_vlm
+    loaded = load_any(path, device, log=lambda *_: None)
+    if loaded.kind not in ("hf", "finetune") or not is_vlm(loaded.eval_model):
+        raise DataError(f"{path}: not a vision-language model (a LLaVA-style upcycled folder, run or checkpoint)")
+    source = loaded.path
+    if loaded.kind == "finetune":
+        run = Path(loaded.path).parent.parent
+        source = run / "hf" if (run / "hf" / "config.json").is_file() else loaded.cfg.model.init
+    return loaded.eval_model.eval(), AutoProcessor.from_pretrained(str(source))
 
 
 def analyze_vlm(paths: Sequence[str | Path], data: str | Path, images: str | Path | None, max_samples: int = 256,
                 batch_size: int = 16, shift: bool = True, device: str = "cpu",
                 log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The analysis report of upcycled VLM folders (e.g. a VIT run's `checkpoint-N` folders, oldest first)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    """The analysis report of upcycled VLMs (`load_vlm`: e.g. a VIT run's checkpoints and RUN/hf), in step order."""
     paths = sorted((Path(p) for p in paths), key=_step)
-    processor = AutoProcessor.from_pretrained(str(paths[-1]))
-    batches = vlm_batches(data, processor, images, max_samples, batch_size)
-    steps, agree, ecr, prev = [], [], [], None
+    batches, steps, agree, ecr, prev = None, [], [], [], None
     for path in paths:
-        model = AutoModelForImageTextToText.from_pretrained(str(path)).to(device).eval()
+        model, processor = load_vlm(path, device)
+        if batches is None:
+            batches = vlm_batches(data, processor, images, max_samples, batch_size)
         r = collect_vlm(model, batches)
         steps.append(_step(path))
         agree.append({"step": steps[-1], "ppl": math.exp(min(r.loss, 50)), **_agreement(r)})
@@ -92,4 +115,4 @@ def analyze_vlm(paths: Sequence[str | Path], data: str | Path, images: str | Pat
             "agreement": agree, "final": final}
 
 
-__all__ = ["vlm_batches", "collect_vlm", "analyze_vlm"]
+__all__ = ["vlm_batches", "collect_vlm", "analyze_vlm", "load_vlm"]

@@ -3,7 +3,8 @@
 The stream (documents joined by EOS) is cut into `n = (len(tokens) - 1) // seq_len` sequences of
 `seq_len + 1` tokens; sequence `i` is `tokens[i*seq_len : i*seq_len + seq_len + 1]`, so consecutive
 sequences share one token and every token after the first is a target exactly once. A batch is a
-`torch.LongTensor[batch, seq_len + 1]`; use `x, y = b[:, :-1], b[:, 1:]`.
+`torch.LongTensor[batch, seq_len + 1]`; use `x, y = b[:, :-1], b[:, 1:]` (or `model(**model_inputs(b))`).
+Batches of whole samples (images and text, `data.llava`) reuse the same order and resumable position.
 """
 from __future__ import annotations
 
@@ -14,6 +15,16 @@ import numpy as np
 import torch
 
 from .sources import DataError
+
+
+def model_inputs(batch: torch.Tensor | dict[str, torch.Tensor], device: Any = None) -> dict[str, torch.Tensor]:
+    """A batch as the model's keyword arguments, on `device`: packed tokens [B, S + 1] become input_ids
+    [:, :-1] and targets [:, 1:] (negative ~id tokens: no target, `data.chat`); a batch of whole samples
+    (a dict: input_ids, targets, attention_mask, pixel_values, `data.llava`) is passed as it is."""
+    if isinstance(batch, dict):
+        return {k: v.to(device) if device is not None else v for k, v in batch.items()}
+    batch = batch.to(device) if device is not None else batch
+    return {"input_ids": batch[:, :-1], "targets": batch[:, 1:]}
 
 
 def num_sequences(n_tokens: int, seq_len: int) -> int:
@@ -55,10 +66,13 @@ class BatchIterator:
     """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int = 0):
+        self.tokens, self.seq_len = tokens, seq_len
+        self._start(_check_size(tokens, seq_len, "training split"), batch_size, seed)
+
+    def _start(self, n_sequences: int, batch_size: int, seed: int) -> None:
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
-        self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
-        self.n_sequences = _check_size(tokens, seq_len, "training split")
+        self.n_sequences, self.batch_size, self.seed = n_sequences, batch_size, seed
         self.epoch = 0
         self.index = 0  # next position within the epoch's permutation
         self._perm: tuple[int, np.ndarray] | None = None
@@ -89,7 +103,11 @@ class BatchIterator:
         return self
 
     def __next__(self) -> torch.Tensor:
-        return gather(self.tokens, self.next_indices(), self.seq_len)
+        return self.take(self.next_indices())
+
+    def take(self, index: np.ndarray) -> torch.Tensor:
+        """The batch of sequences `index`."""
+        return gather(self.tokens, index, self.seq_len)
 
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "epoch": self.epoch, "index": self.index,
@@ -143,12 +161,12 @@ class RankShard:
         self.batches, self.rank, self.world = batches, rank, world
         self.batch_size = batches.batch_size // world
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[Any]:
         return self
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> Any:
         mine = self.batches.next_indices()[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        return gather(self.batches.tokens, mine, self.batches.seq_len)
+        return self.batches.take(mine)
 
     def state_dict(self) -> dict[str, Any]:
         return self.batches.state_dict()

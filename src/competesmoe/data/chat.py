@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .batches import BatchIterator, SequentialBatches
+from .batches import BatchIterator, SequentialBatches, num_sequences
 from .config import DataConfig
 from .prepare import holdout
 from .sources import DataError, list_files, read_documents
@@ -119,6 +119,11 @@ class FinetuneData:
     @property
     def vocab_size(self) -> int:
         return len(self.hf_tokenizer)
+
+    @property
+    def n_train(self) -> int:
+        """Training sequences (an epoch's)."""
+        return num_sequences(len(self.train), self.seq_len)
 
     def train_batches(self, batch_size: int, seed: int = 0) -> BatchIterator:
         return BatchIterator(self.train, self.seq_len, batch_size, seed)

@@ -32,8 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from .batches import BatchIterator
 from .sources import DataError
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -240,5 +242,92 @@ def collate(samples: list[VisionSample], pad_id: int) -> dict[str, torch.Tensor]
     return out
 
 
+def training_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A `collate` batch as the trainer feeds it (`data.batches.model_inputs`): labels [B, S] become
+    next-token targets [B, S] (targets[:, t] = labels[:, t + 1], -100 last), so the loss compares every
+    position's logits without a shifted copy of them."""
+    out = {k: v for k, v in batch.items() if k != "labels"}
+    out["targets"] = torch.cat([batch["labels"][:, 1:], torch.full_like(batch["labels"][:, :1], -100)], dim=1)
+    return out
+
+
+class SampleBatches(BatchIterator):
+    """`BatchIterator`'s seeded order and resumable position over whole samples, collated per batch."""
+
+    def __init__(self, samples: list[VisionSample], batch_size: int, seed: int, pad_id: int, max_length: int):
+        self.samples, self.pad_id, self.seq_len = samples, pad_id, max_length
+        self._start(len(samples), batch_size, seed)
+
+    def take(self, index: np.ndarray) -> dict[str, torch.Tensor]:
+        return training_batch(collate([self.samples[i] for i in index], self.pad_id))
+
+
+@dataclass
+class LlavaData:
+    """What the trainer needs from LLaVA-format data (as `data.chat.FinetuneData` for text): the tokenizer,
+    its vocabulary size, training batches and validation batches."""
+    processor: Any
+    train: VisionData
+    valid: VisionData | None
+    max_length: int
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer.backend_tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.processor.tokenizer)
+
+    @property
+    def n_train(self) -> int:
+        """Training samples (an epoch's)."""
+        return len(self.train.samples)
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.processor.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def train_batches(self, batch_size: int, seed: int = 0) -> SampleBatches:
+        return SampleBatches(self.train.samples, batch_size, seed, self.pad_id, self.max_length)
+
+    def valid_batches(self, batch_size: int, max_batches: int | None = None) -> list[dict[str, torch.Tensor]]:
+        if self.valid is None:
+            raise DataError("no validation split (set data.valid, or data.valid_fraction > 0)")
+        s = self.valid.samples
+        starts = range(0, len(s), batch_size)
+        starts = starts if max_batches is None else starts[:max_batches]
+        return [training_batch(collate(s[i:i + batch_size], self.pad_id)) for i in starts]
+
+    def summary(self) -> str:
+        return f"train {self.train.summary()}" + (f"; valid {self.valid.summary()}" if self.valid else "")
+
+
+def hold_out(data: VisionData, fraction: float) -> tuple[VisionData, VisionData]:
+    """(train, valid): `fraction` of the samples (at least one; a fixed random choice) for validation, both
+    in file order."""
+    n = len(data.samples)
+    if n < 2:
+        raise DataError("one sample cannot be split into train and validation; pass data.valid")
+    picked = set(np.random.default_rng(0).permutation(n)[:max(1, round(fraction * n))].tolist())
+    valid = VisionData([s for i, s in enumerate(data.samples) if i in picked])
+    train = VisionData([s for i, s in enumerate(data.samples) if i not in picked], data.skipped, data.truncated)
+    return train, valid
+
+
+def load_llava_data(train: str | Path, valid: str | Path | None, valid_fraction: float, processor: Any,
+                    images: str | Path | None, max_length: int, aspect: str = "pad", skip_bad: bool = False) -> LlavaData:
+    """Training (and validation: the `valid` file, else `valid_fraction` of `train`) samples for the trainer."""
+    data = load_llava(train, processor, images, max_length, aspect, skip_bad)
+    if valid is not None:
+        held = load_llava(valid, processor, images, max_length, aspect, skip_bad)
+    elif valid_fraction > 0:
+        data, held = hold_out(data, valid_fraction)
+    else:
+        held = None
+    return LlavaData(processor, data, held, max_length)
+
+
 __all__ = ["VisionSample", "VisionData", "BadSample", "read_llava", "encode_sample", "load_llava", "collate",
-           "expand_to_square", "ROLES"]
+           "expand_to_square", "ROLES", "training_batch", "SampleBatches", "LlavaData", "hold_out", "load_llava_data"]

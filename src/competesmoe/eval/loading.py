@@ -135,9 +135,10 @@ def load_finetune_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], cfg
         raise DataError(f"{folder}: the fine-tuning run has no RUN/hf yet and its model.init ({arch}) cannot be "
                         f"read ({e}); the architecture is needed to load the checkpoint") from e
     hf = auto_class(config).from_config(config)
-    if not is_upcycled(hf):
+    if not is_upcycled(hf) and cfg.model.upcycle:
         hf = upcycle(hf, cfg.spec)
-    _use_settings(hf, cfg.spec)
+    if is_upcycled(hf):
+        _use_settings(hf, cfg.spec)
     model = HFCausalLM(hf)
     load_weights(model, tensors, folder)
     tok = _tokenizer(*([final] if (final / "config.json").is_file() else []), cfg.model.init)

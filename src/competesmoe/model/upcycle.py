@@ -258,6 +258,35 @@ def is_vlm(model: nn.Module) -> bool:
     return vision_tower(model) is not None
 
 
+def param_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """(name, parameter) per module group: vision (the `vision_tower`), connector (the `multi_modal_projector`)
+    and language (everything else: the language model and its head). A causal LM is all language."""
+    ids = {g: {id(p) for p in part.parameters()} for g, n in (("vision", "vision_tower"),
+                                                              ("connector", "multi_modal_projector"))
+           if (part := _part(model, n)) is not None}
+    out: dict[str, list] = {t: [] for t in TARGETS}
+    for name, p in model.named_parameters():
+        out[next((g for g, s in ids.items() if id(p) in s), "language")].append((name, p))
+    return out
+
+
+def freeze(model: nn.Module, trainable: list[str]) -> dict[str, int]:
+    """requires_grad = (the parameter's group is in `trainable`); returns the parameters per group and how
+    many train. A group the model does not have (vision or connector of a causal LM) is an error."""
+    groups = param_groups(model)
+    absent = [g for g in trainable if not groups[g]]
+    if absent:
+        raise UpcycleError(f"trainable {','.join(absent)}: {type(model).__name__} has no such part (vision = "
+                           f"`vision_tower`, connector = `multi_modal_projector`)")
+    counts = {}
+    for group, params in groups.items():
+        for _, p in params:
+            p.requires_grad_(group in trainable)
+        counts[group] = sum(p.numel() for _, p in params)
+    counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return counts
+
+
 def vision_layers(model: nn.Module) -> nn.ModuleList:
     """The vision encoder's layer list: the ModuleList inside `vision_tower` whose layers all have an `mlp`."""
     tower = vision_tower(model)
@@ -602,4 +631,5 @@ def upcycle_transformer(dense: MoETransformer, spec: UpcycleConfig) -> MoETransf
 
 __all__ = ["UpcycleConfig", "UpcycleError", "UpcycledMLP", "UpcycledMoE", "DenseMLP", "upcycle",
            "upcycle_transformer", "upcycled_class", "is_upcycled", "read_dense_mlp", "decoder_layers", "fill_moe",
-           "MODEL_TYPE", "ADAPTERS", "TARGETS", "vision_layers", "vision_tower", "is_vlm", "resolve_targets", "sites"]
+           "MODEL_TYPE", "ADAPTERS", "TARGETS", "vision_layers", "vision_tower", "is_vlm", "resolve_targets", "sites",
+           "param_groups", "freeze"]

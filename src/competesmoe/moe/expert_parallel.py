@@ -143,8 +143,10 @@ class ExpertParallelExperts(Experts):
         x_MD = x_TD.to(compute_dtype(x_TD)).index_select(0, plan.token_M)   # bf16 under autocast: half the bytes
         x_RD = exchange(x_MD, send, recv, self.group, self.exchange)
         local_R = torch.arange(n, device=x_TD.device).repeat(E).repeat_interleave(mine_En.reshape(-1))
-        # Nothing for my experts: still an output tied to the graph, so this rank joins the backward exchanges.
-        out_RD = super().forward(x_RD, local_R[:, None]).squeeze(1) if len(x_RD) else x_RD * 0
+        # Nothing for my experts: still an output [0, d_out] tied to the graph, so this rank joins the backward
+        # exchanges (and receives rows as wide as the other ranks' outputs).
+        out_RD = (super().forward(x_RD, local_R[:, None]).squeeze(1) if len(x_RD)
+                  else x_RD[:, :1].expand(-1, self.d_out) * 0)
         out_MD = exchange(out_RD, recv, send, self.group, self.exchange)
         return out_MD.index_select(0, order_M.argsort()).view(T, K, -1)
 

@@ -19,7 +19,7 @@ from ..config import ScheduleConfig, check
 class CompetitionSchedule:
     def __init__(self, n_layers: int, total_steps: int, omega: float = 0.07, a_max: int = 3,
                  warmup: float = 0.0, seed: int = 42) -> None:
-        check(n_layers >= 1, f"n_layers must be >= 1, got {n_layers}")
+        check(n_layers >= 0, f"n_layers must be >= 0 (0: a dense model, nothing competes), got {n_layers}")
         check(total_steps >= 1, f"total_steps must be >= 1, got {total_steps}")
         self.cfg = ScheduleConfig(omega=omega, a_max=a_max, warmup=warmup, seed=seed)
         self.n_layers, self.total_steps = n_layers, total_steps

@@ -112,8 +112,9 @@ class Dist:
             if self.expert_names:
                 DDP._set_params_and_buffers_to_ignore_for_model(model, sorted(self.expert_names))
             detach = any(l.cfg.competition.detach_router_off_competition for l in moe_layers(model))
+            unused = detach or getattr(model, "may_skip_parameters", False)
             self.train_model = DDP(model, device_ids=[self.local_rank] if self.device.type == "cuda" else None,
-                                   find_unused_parameters=detach, **_no_buffer_broadcast(DDP))
+                                   find_unused_parameters=unused, **_no_buffer_broadcast(DDP))
         else:  # fsdp: every layer unit its own FSDP2 unit, the rest (embedding, head, final norm) the root's
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
@@ -202,6 +203,14 @@ class Dist:
             out.append({k: flat[i + n] for n, k in enumerate(ks)})
             i += len(ks)
         return out
+
+    def total(self, n: int) -> int:
+        """n summed over ranks."""
+        if self.world == 1:
+            return n
+        t = torch.tensor([n], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t)
+        return int(t.item())
 
     def all_agree(self, ok: bool) -> bool:
         """True only if `ok` on every rank (so all ranks skip, or all take, the same optimizer step)."""
@@ -306,7 +315,8 @@ class Dist:
         order = [n for g in optimizer.param_groups for n in _group_names(model, g)]
         for i, name in enumerate(order):
             for k, t in target["optim"][name].items():
-                copy_full(t, full["state"][i][k])
+                if i in full["state"]:   # a parameter without state there (never had a gradient) keeps zeros
+                    copy_full(t, full["state"][i][k])
         _set_groups(optimizer, full["param_groups"])
 
 
@@ -362,17 +372,20 @@ def schedule_digest(schedule) -> str:
 
 
 def ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Create the optimizer's state (zeros) if no step ran yet, so it can be loaded in place:
-    one step with zero gradients at lr 0 leaves every weight unchanged (torch's DCP helpers do the same)."""
+    """Create the optimizer's state (zeros) where a parameter has none yet (no step ran, or it never had a
+    gradient: a weight the forward does not use), so that it can be saved and loaded in place: one step at
+    lr 0 with zero gradients for those parameters alone; every other parameter (gradient None) is skipped,
+    its moments and step count untouched."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    if all(p in optimizer.state for p in params):
+    missing = {p for p in params if p not in optimizer.state}
+    if not missing:
         return
     lrs = [g["lr"] for g in optimizer.param_groups]
     grads = [p.grad for p in params]
     for g in optimizer.param_groups:
         g["lr"] = 0.0
     for p in params:
-        p.grad = torch.zeros_like(p)
+        p.grad = torch.zeros_like(p) if p in missing else None
     optimizer.step()
     for g, lr in zip(optimizer.param_groups, lrs):
         g["lr"] = lr

@@ -1,21 +1,40 @@
-"""Fine-tuning an upcycled model with any router, on the pre-training `Trainer` (docs/upcycle.md).
+"""Fine-tuning a model with any router, on the pre-training `Trainer` (docs/upcycle.md, docs/vlm.md).
 
     cfg = finetune_preset("vit", {"model.init": "my-llama", "data.train": "chat.jsonl", "chat": True})
     summary = finetune(cfg)
+    cfg = finetune_preset("vlm-vit", {"model.init": "runs/pft/hf", "data.train": "llava.json", "images": "imgs/"})
 
-`model.init` is a dense model (upcycled first with the `model` settings) or an already upcycled one:
+`model.init` is a dense model (upcycled first with the `model` settings, unless `model.upcycle=false`) or
+an already upcycled one:
 * our `MoETransformer` (`competesmoe export` folder, or a run/checkpoint of `--set model.dense=true`):
   an ordinary training run (its config.yaml is a `RunConfig`), so `eval`, `analyze` and `export` read it;
-* a Hugging Face model: `HFCausalLM` gives it the `MoETransformer` interface, the data is tokenised with
-  its own tokenizer (`data.chat`), and config.yaml holds this `FinetuneConfig`.
+* a Hugging Face model, a causal LM or a LLaVA-style VLM: `HFCausalLM` gives it the `MoETransformer`
+  interface; text (`data.chat`) is tokenised with its own tokenizer, LLaVA-format samples with images
+  (`llava=true`, `data.llava`) with its own processor; config.yaml holds this `FinetuneConfig`.
 Either way the `Trainer` gives the same guarantees (progress bar, metrics, bf16, atomic checkpoints, exact
-resume) and the competition schedule advances once per optimizer step; the final model is written to
-RUN/hf as a Hugging Face folder.
+resume, torchrun with DDP, FSDP2 per layer and expert parallelism) and the competition schedule advances
+once per optimizer step; module groups outside `trainable` are frozen (not in the optimizer); the final
+model is written to RUN/hf as a Hugging Face folder.
+
+The paper's three vision-language stages (Appendix I.1, Table 10) are presets here:
+
+| preset | trained | MoE | lr (cosine) | batch (per GPU x 4 GPUs) | balance / z-loss |
+|---|---|---|---|---|---|
+| `vlm-pt` | connector | no | 1e-3 | 64 x 4 | - |
+| `vlm-pft` | vision, connector, language | no | 2e-6 | 6 x 4 | - |
+| `vlm-vit` | vision, connector, language | vision encoder + connector, 4 experts, top-2 | 4e-6 | 5 x 4 | 0.01 / 0.001 |
+
+All three: one epoch, AdamW without weight decay, 2,048 tokens per sample at most, bf16, warm-up 3% of
+the steps (LLaVA-1.5's `warmup_ratio`), cosine to 0, gradient clipping at 1.0 (LLaVA's, transformers'
+default); VIT: ω 0.07, A_max 9, SMoE warm-up 5% (Section 2.4), router N(0, 0.02) seed 42. The 4 GPUs
+are 4 gradient-accumulation steps on one process (`train.grad_accum`), so an optimizer step sees the
+paper's global batch; under torchrun set `train.batch_size` to the global micro-batch.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -24,12 +43,13 @@ import torch
 from torch import nn
 
 from ..config import Config, ScheduleConfig, apply_overrides, check
-from ..data import DataConfig
+from ..data import DataConfig, DataError
 from ..data.chat import unmask
 from ..moe import moe_layers
 from ..model.loss import lm_cross_entropy
 from ..model.transformer import LMOutput
-from ..model.upcycle import MODEL_TYPE, UpcycleConfig, UpcycleError, decoder_layers, is_upcycled, upcycle, upcycle_transformer
+from ..model.upcycle import (MODEL_TYPE, TARGETS, UpcycleConfig, UpcycleError, decoder_layers, freeze, is_upcycled, upcycle,
+                              upcycle_transformer)
 from . import distributed
 from .config import RunConfig, TrainConfig
 from .loading import is_competesmoe_source, load_competesmoe, load_dense_hf
@@ -40,6 +60,7 @@ STRUCTURE = ("experts", "top_k", "router", "layers", "router_opts")  # what an u
 @dataclass
 class FinetuneModel(UpcycleConfig):
     init: str = ""                  # dense or upcycled model: HF folder / hub name, competesmoe export, run, checkpoint
+    upcycle: bool = True            # false: a dense init is trained dense (the VLM PT/PFT stages, a dense baseline)
 
 
 @dataclass
@@ -48,19 +69,51 @@ class FinetuneConfig(Config):
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     chat: bool = False              # data.train/valid are chat jsonl ({"messages": [...]}); loss on replies only
+    llava: bool = False             # data.train/valid are LLaVA-format samples (data/llava.py); the model is a VLM
+    images: str | None = None       # llava: the folder the samples' "image" paths are relative to
+    aspect: str = "pad"             # llava: "pad" to a square (LLaVA-1.5's image_aspect_ratio) or "resize"
+    skip_bad: bool = False          # llava: skip (and count) bad samples instead of stopping with an error
+    trainable: str = "all"          # "all", or the module groups that train (vision, connector, language)
+    epochs: float = 0.0             # > 0: train.steps = ceil(epochs x training samples / (batch_size x grad_accum))
+    warmup_ratio: float | None = None   # set: train.warmup_steps = ceil(warmup_ratio x train.steps)
 
     @property
     def tokens_per_step(self) -> int:
+        """Tokens per optimizer step (for LLaVA data an upper bound: samples are padded, not packed)."""
         return self.train.batch_size * self.train.grad_accum * self.data.seq_len
 
     @property
     def spec(self) -> UpcycleConfig:
-        return UpcycleConfig.from_dict({k: v for k, v in self.model.to_dict().items() if k != "init"})
+        return UpcycleConfig.from_dict({k: v for k, v in self.model.to_dict().items() if k not in ("init", "upcycle")})
+
+    @property
+    def groups(self) -> list[str] | None:
+        """The module groups that train, in TARGETS order; None: all."""
+        text = self.trainable.replace(" ", "")
+        return None if text == "all" else [t for t in TARGETS if t in text.split(",")]
 
     def validate(self) -> None:
         E = self.train.expert_parallel
         check(self.model.experts % E == 0, f"train.expert_parallel={E} must divide the {self.model.experts} experts "
                                            f"of each layer")
+        names = [t for t in self.trainable.replace(" ", "").split(",") if t]
+        check(names == ["all"] or (bool(names) and all(t in TARGETS for t in names)),
+              f"trainable must be 'all' or a comma-separated subset of {','.join(TARGETS)}, got {self.trainable!r}")
+        check(not (self.chat and self.llava), "chat and llava are two data formats: set one")
+        check(self.llava or (self.images is None and not self.skip_bad),
+              "images and skip_bad are settings of LLaVA-format data (llava=true)")
+        check(self.aspect in ("pad", "resize"), f"aspect must be pad or resize, got {self.aspect!r}")
+        check(self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}")
+        check(self.warmup_ratio is None or 0 <= self.warmup_ratio < 1,
+              f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+    def fit_to_data(self, n_train: int) -> None:
+        """train.steps from `epochs` and train.warmup_steps from `warmup_ratio`, where they are set."""
+        t = self.train
+        if self.epochs > 0:
+            t.steps = max(1, math.ceil(self.epochs * n_train / (t.batch_size * t.grad_accum)))
+        if self.warmup_ratio is not None:
+            t.warmup_steps = math.ceil(self.warmup_ratio * t.steps)
 
 
 # Appendix I.1, Table 10 (VIT stage): lr 4e-6 cosine, 5 sequences per GPU x 4 GPUs, 2,048 tokens, AdamW;
@@ -76,6 +129,25 @@ FINETUNE_PRESETS: dict[str, FinetuneConfig] = {
 }
 
 
+
+def _vlm_stage(trainable: str, upcycle: bool, lr: float, batch_size: int) -> FinetuneConfig:
+    """Table 10's stage on LLaVA-format data: one epoch, 4 GPUs as 4 accumulation steps, 2,048 tokens."""
+    return FinetuneConfig(
+        model=FinetuneModel(experts=4, top_k=2, router="competesmoe", targets="vision,connector", upcycle=upcycle),
+        data=DataConfig(seq_len=2048), llava=True, trainable=trainable, epochs=1.0, warmup_ratio=0.03,
+        train=TrainConfig(out_dir="runs/vlm", batch_size=batch_size, grad_accum=4, lr=lr, min_lr_ratio=0.0,
+                          weight_decay=0.0, grad_clip=1.0, precision="bf16", eval_every=500, ckpt_every=500,
+                          schedule=ScheduleConfig(omega=0.07, a_max=9, warmup=0.05, seed=42)))
+
+
+VLM_STAGES = ("vlm-pt", "vlm-pft", "vlm-vit")
+FINETUNE_PRESETS.update({
+    "vlm-pt": _vlm_stage("connector", upcycle=False, lr=1e-3, batch_size=64),
+    "vlm-pft": _vlm_stage("vision,connector,language", upcycle=False, lr=2e-6, batch_size=6),
+    "vlm-vit": _vlm_stage("vision,connector,language", upcycle=True, lr=4e-6, batch_size=5),
+})
+
+
 def finetune_preset(name: str, overrides: list[str] | dict | None = None) -> FinetuneConfig:
     check(name in FINETUNE_PRESETS, f"unknown finetune preset {name!r}; choose from {sorted(FINETUNE_PRESETS)}")
     return apply_overrides(FINETUNE_PRESETS[name], overrides or {})
@@ -83,10 +155,16 @@ def finetune_preset(name: str, overrides: list[str] | dict | None = None) -> Fin
 
 # --- a Hugging Face model behind the MoETransformer interface ----------------------------------------
 class HFCausalLM(nn.Module):
-    """`forward(input_ids, targets) -> LMOutput` for an upcycled transformers causal LM (weights under `hf.`).
+    """`forward(input_ids, targets, **inputs) -> LMOutput` for a transformers causal LM or LLaVA-style VLM,
+    upcycled or dense (weights under `hf.`).
 
-    Takes the trainer's `batch[:, :-1], batch[:, 1:]` with chat masks encoded as ~id (`data.chat.unmask`).
+    Takes the trainer's `batch[:, :-1], batch[:, 1:]` with chat masks encoded as ~id (`data.chat.unmask`),
+    or a VLM batch (`data.llava.training_batch`: targets already next-token, -100 where no loss).
     Its state dict names each tensor once (tied embeddings under the first name), as checkpoints store it."""
+
+    # a Hugging Face model may hold trainable weights its forward never uses (a SigLIP tower's pooling head
+    # and final norm under LLaVA): DDP must look for them each step
+    may_skip_parameters = True
 
     def __init__(self, hf: nn.Module) -> None:
         super().__init__()
@@ -94,13 +172,15 @@ class HFCausalLM(nn.Module):
         self.register_state_dict_post_hook(_drop_tied)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, compete: bool | None = None,
-                **_: Any) -> LMOutput:
+                **inputs: Any) -> LMOutput:
+        """`inputs`: what else the model takes (a VLM batch's attention_mask and pixel_values)."""
         if compete is not None:
             raise ValueError("compete= is not supported for Hugging Face models: the attached schedule decides")
         if targets is not None:
             input_ids, targets = unmask(input_ids, targets)
-        out = self.hf(input_ids=input_ids, use_cache=False)
-        aux, moe = out.aux_loss, list(self.hf.moe_outputs)
+        out = self.hf(input_ids=input_ids, use_cache=False, **inputs)
+        moe = list(getattr(self.hf, "moe_outputs", []))       # a dense model (VLM PT/PFT stages) has none
+        aux = out.aux_loss if moe else out.logits.new_zeros((), dtype=torch.float32)
         lm = loss = None
         if targets is not None:  # mean over the target tokens, without float32 copies of the [B·S, V] logits
             if bool((targets != -100).any()):
@@ -185,6 +265,9 @@ def build(cfg: FinetuneConfig, log: Callable[[str], None] = print, writes: bool 
     init, spec = cfg.model.init, cfg.spec
     check(init != "", "finetune needs a model to start from (model.init: a folder, run or hub name)")
     check(cfg.data.train != "synthetic", "finetune needs data (data.train: a text or chat file/folder)")
+    for f in (cfg.data.train, cfg.data.valid) if cfg.llava else ():   # before loading a large model
+        if f is not None and not Path(f).is_file():
+            raise DataError(f"{f}: no such file")
     have = init_spec(init)
     if have is not None:
         _check_structure(spec, have, init)
@@ -193,11 +276,11 @@ def build(cfg: FinetuneConfig, log: Callable[[str], None] = print, writes: bool 
         from ..model.transformer import MoETransformer
         from ..files import atomic_write
         from .runs import load_weights
-        if cfg.chat:
-            raise UpcycleError("chat data with a competesmoe model is not supported (its tokenizer has no chat "
-                               "template); fine-tune it on text")
+        if cfg.chat or cfg.llava:
+            raise UpcycleError("chat or LLaVA data with a competesmoe model is not supported (its tokenizer has no "
+                               "chat template, it has no vision encoder); fine-tune it on text")
         model, tok = load_competesmoe(init, log=log)
-        if model.cfg.dense:
+        if model.cfg.dense and cfg.model.upcycle:
             model = upcycle_transformer(model, spec)
             log(f"upcycled {init}: {spec.experts} experts, K {spec.top_k}, router {spec.router}")
         else:
@@ -214,26 +297,49 @@ def build(cfg: FinetuneConfig, log: Callable[[str], None] = print, writes: bool 
             load_weights(full, state, "the trained model")
             save_hf(full, tok, folder)
         return run, model, None, write_transformer
-    from transformers import AutoTokenizer
-    from ..data.chat import load_finetune_data
     hf = load_dense_hf(init)
-    if not is_upcycled(hf):
-        hf = upcycle(hf, spec)
-        log(f"upcycled {init}: {spec.experts} experts, K {spec.top_k}, router {spec.router}, layers {spec.layers}")
-    else:
+    if is_upcycled(hf):
         _use_settings(hf, spec)
         saved = hf.config.competesmoe["upcycle"].get("targets", "language")   # the structure it was built with
         hf.config.competesmoe["upcycle"] = {**spec.to_dict(), "targets": saved}   # saved with the final model
-    tok = AutoTokenizer.from_pretrained(init)
-    data = load_finetune_data(cfg.data, tok, cfg.chat)
+    elif cfg.model.upcycle:
+        hf = upcycle(hf, spec)
+        log(f"upcycled {init}: {spec.experts} experts, K {spec.top_k}, router {spec.router}, "
+            f"targets {hf.config.competesmoe['upcycle']['targets']}")
+    if cfg.groups is not None:
+        counts = freeze(hf, cfg.groups)
+        log("parameters: " + ", ".join(f"{g} {counts[g]:,}" for g in TARGETS) + f"; training {counts['trainable']:,} "
+            f"({', '.join(cfg.groups)}), the rest frozen")
     max_pos = getattr(hf.config.get_text_config(), "max_position_embeddings", None)
     check(max_pos is None or cfg.data.seq_len <= max_pos,
           f"data.seq_len={cfg.data.seq_len} exceeds the model's max_position_embeddings={max_pos}")
+    data, saver = _hf_data(cfg, init, log)
+    cfg.fit_to_data(data.n_train)
+    if cfg.epochs > 0:
+        log(f"{cfg.epochs:g} epoch(s) of {data.n_train:,} training samples: {cfg.train.steps:,} steps, "
+            f"{cfg.train.warmup_steps:,} of warm-up")
 
     def write_hf(state: dict, folder: Path) -> None:   # the full weights, whatever the run's layout
         hf.save_pretrained(str(folder), state_dict={k[len("hf."):]: v for k, v in state.items()})
-        tok.save_pretrained(str(folder))
+        saver.save_pretrained(str(folder))
     return cfg, HFCausalLM(hf), data, write_hf
+
+
+def _hf_data(cfg: FinetuneConfig, init: str, log: Callable[[str], None]):
+    """(the data, what saves the tokenizer or processor with the final model) of a Hugging Face model."""
+    if cfg.llava:
+        from transformers import AutoProcessor
+        from ..data.llava import load_llava_data
+        processor = AutoProcessor.from_pretrained(init)
+        d = cfg.data
+        data = load_llava_data(d.train, d.valid, d.valid_fraction, processor, cfg.images, d.seq_len, cfg.aspect,
+                               cfg.skip_bad)
+        log(f"data: {data.summary()}")
+        return data, processor
+    from transformers import AutoTokenizer
+    from ..data.chat import load_finetune_data
+    tok = AutoTokenizer.from_pretrained(init)
+    return load_finetune_data(cfg.data, tok, cfg.chat), tok
 
 
 def finetune(cfg: FinetuneConfig, resume: bool = False, log: Callable[[str], None] = print) -> dict:

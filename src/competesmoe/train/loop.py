@@ -4,8 +4,9 @@
     summary = trainer.train()
 
 Each optimizer step: ask the competition schedule nothing (the MoE layers ask it themselves), run
-`grad_accum` micro-batches under optional bf16 autocast, check the loss is finite, clip, step AdamW,
-then `on_optimizer_step` (advances the schedule, updates non-gradient state). Checkpoints hold
+`grad_accum` micro-batches under optional bf16 autocast (the LM loss is the mean over the step's target
+tokens, on every rank together), check the loss is finite, clip, step AdamW, then `on_optimizer_step`
+(advances the schedule, updates non-gradient state). Checkpoints hold
 everything needed to continue bit-exactly: weights, optimizer, schedule, RNG states, data position.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from .. import __version__
 from ..errors import CompeteSMoEError
 from ..data import prepare_data
+from ..data.batches import model_inputs
 from ..model import MoETransformer
 from ..moe import CompetitionSchedule, attach_schedule, moe_layers, on_optimizer_step
 from . import checkpoint as ckpt
@@ -123,15 +125,17 @@ class Trainer:
             cfg.to_yaml(self.out / "config.yaml")
         self.metrics = MetricsLogger(self.out, tensorboard=t.tensorboard) if self.dist.is_main else distributed.NoMetrics()
         total, active = self.model.num_parameters(), self.model.num_parameters(active=True)
-        m = layers[0].cfg
-        log(f"model: {total:,} parameters, {active:,} active per token "
-            f"({len(layers)} MoE layers, {m.router}, {m.n_experts} experts, K={m.top_k})")
+        m = layers[0].cfg if layers else None
+        log(f"model: {total:,} parameters, {active:,} active per token " + (
+            f"({len(layers)} MoE layers, {m.router}, {m.n_experts} experts, K={m.top_k})" if m else "(dense)"))
 
     # --- setup ------------------------------------------------------------------------------------
     def _optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over the trainable weights only (a frozen one, requires_grad=False, is not in it)."""
         t = self.cfg.train
-        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-        no_decay = [p for n, p in self.model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
+        no_decay = [p for n, p in named if not (p.dim() >= 2 and "embed" not in n)]
         return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                                   {"params": no_decay, "weight_decay": 0.0}],
                                  lr=t.lr, betas=(t.beta1, t.beta2), foreach=True)
@@ -155,7 +159,10 @@ class Trainer:
                 group["lr"] = lr
             self.model.train()
             logs = self._logs_at(self.step + 1)
-            micro = [self._micro_step(i == t.grad_accum - 1, logs) for i in range(t.grad_accum)]  # detached scalars
+            inputs = [model_inputs(next(self.batches), self.device) for _ in range(t.grad_accum)]
+            shares = self._token_shares(inputs)
+            micro = [self._micro_step(x, w, i == t.grad_accum - 1, logs)         # detached scalars
+                     for i, (x, w) in enumerate(zip(inputs, shares))]
             loss = sum(m["loss"] for m in micro) / t.grad_accum
             self.dist.after_backward(self.model)
             grad_norm = self.dist.clip_grad_norm(self.model, t.grad_clip)
@@ -196,15 +203,29 @@ class Trainer:
         """Are the metrics of the optimizer step that ends at `step` logged?"""
         return step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps
 
-    def _micro_step(self, last: bool = True, detail: bool = True) -> dict[str, torch.Tensor]:
-        """Forward + backward of one micro-batch; returns detached scalars, so no micro-batch's
-        activations or logits outlive its backward (memory does not grow with grad_accum); the per-layer
-        metrics only when `detail` (a logged step). Several processes reduce gradients on the `last`
-        micro-batch of the step only."""
-        batch = next(self.batches).to(self.device)
+    def _token_shares(self, inputs: list[dict[str, torch.Tensor]]) -> list[float | None]:
+        """Each micro-batch's LM-loss weight, so that the step's loss is the mean over all of its target tokens
+        (every micro-batch, every rank) however they fall: n_i · P · grad_accum / N. Chat and image-text
+        samples carry different numbers of reply tokens; where every micro-batch has the same count
+        (packed pre-training) the weights are 1 and nothing changes (None)."""
+        counts = [int((x["targets"] >= 0).sum()) for x in inputs]
+        total = self.dist.total(sum(counts))
+        per = total / (len(counts) * self.dist.world)
+        if self.dist.all_agree(all(c == per for c in counts)):
+            return [None] * len(counts)
+        return [c / per if total else 0.0 for c in counts]
+
+    def _micro_step(self, inputs: dict[str, torch.Tensor], share: float | None = None, last: bool = True,
+                    detail: bool = True) -> dict[str, torch.Tensor]:
+        """Forward + backward of one micro-batch, its LM loss weighted by its `share` of the step's target
+        tokens; returns detached scalars, so no micro-batch's activations or logits outlive its backward
+        (memory does not grow with grad_accum); the per-layer metrics only when `detail` (a logged step).
+        Several processes reduce gradients on the `last` micro-batch of the step only."""
         with self.dist.sync_context(last):
             with self._autocast():
-                out = self.train_model(batch[:, :-1], batch[:, 1:])
+                out = self.train_model(**inputs)
+            if share is not None:
+                out.loss, out.lm_loss = out.loss + out.lm_loss * (share - 1), out.lm_loss * share
             (out.loss / self.cfg.train.grad_accum).backward()
         return micro_metrics(out, detail)
 

@@ -25,6 +25,8 @@ def micro_metrics(out, detail: bool = True) -> dict[str, torch.Tensor]:
         return m
     layers = out.moe
     m.update(lm_loss=out.lm_loss.detach(), aux_loss=out.aux_loss.detach())
+    if not layers:   # a dense model
+        return m
     for k in sorted({k for mo in layers for k in mo.stats}):
         vals = [mo.stats[k] for mo in layers if k in mo.stats]
         m[k] = torch.stack(vals).mean()

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..data import DataError
+from ..data.batches import model_inputs
 
 
 @dataclass
@@ -30,26 +31,28 @@ class LMLoss:
 
 
 @torch.no_grad()
-def lm_loss(model: nn.Module, batches: Iterable[torch.Tensor], device: str | torch.device | None = None,
+def lm_loss(model: nn.Module, batches: Iterable, device: str | torch.device | None = None,
             autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> LMLoss:
-    """Mean next-token cross-entropy of `model` over `batches` of packed sequences [B, S + 1] (inputs
-    [:, :-1], targets [:, 1:]), in eval mode (no competition); the model's mode is restored afterwards.
+    """Mean next-token cross-entropy of `model` over `batches` (packed sequences [B, S + 1]: inputs [:, :-1],
+    targets [:, 1:]; or batches of samples, `data.batches.model_inputs`), in eval mode (no competition);
+    the model's mode is restored afterwards.
 
-    `model(inputs, targets).lm_loss` is the batch mean, weighted here by its token count, so batches of
-    different sizes count per token. `autocast` makes the context each forward runs in (e.g. bf16)."""
+    `model(**inputs).lm_loss` is the batch mean over its target tokens, weighted here by their count
+    (targets >= 0), so batches count per token. `autocast` makes the context each forward runs in (e.g. bf16)."""
     was_training = model.training
     model.eval()
     total, count, tic = 0.0, 0, time.perf_counter()
     try:
         for batch in batches:
-            batch = batch.to(device) if device is not None else batch
+            inputs = model_inputs(batch, device)
             with autocast():
-                out = model(batch[:, :-1], batch[:, 1:])
-            n = batch[:, 1:].numel()
+                out = model(**inputs)
+            n = (inputs["targets"] >= 0).sum()
             total = total + out.lm_loss.detach().float() * n   # stays on the device: one sync at the end
-            count += n
+            count = count + n
     finally:
         model.train(was_training)
+    count = int(count)
     if count == 0:
-        raise DataError("no complete sequence to evaluate; give more validation data")
+        raise DataError("no complete sequence (or no target token) to evaluate; give more validation data")
     return LMLoss(float(total) / count, count, time.perf_counter() - tic)

@@ -4,10 +4,12 @@ model trained for as many VIT steps as a control. Several seeds; writes a markdo
 
     python benchmarks/vlm_synth.py --work runs/vlm-synth --report docs/results/vlm-synth.md
 
-The stages are the library's (`train.vlm`: freezing by module group, transformers' Trainer, the competition
-callback) with Table 10's structure (PT: connector only; PFT: everything; VIT: upcycled, balance 0.01,
-z-loss 0.001, ω 0.07, A_max 9, warm-up 5%) but learning rates and steps sized for a randomly initialised
-tiny model on CPU (the paper's 2e-6 / 4e-6 move a pretrained 4 B model; they would not move this one).
+The stages are the library's `competesmoe vlm` presets (`finetune_preset("vlm-pt" | "vlm-pft" | "vlm-vit")`:
+freezing by module group, the project's Trainer, the competition schedule) with Table 10's structure (PT:
+connector only; PFT: everything; VIT: upcycled, balance 0.01, z-loss 0.001, ω 0.07, A_max 9, warm-up 5%)
+but learning rates and steps sized for a randomly initialised tiny model on CPU (the paper's 2e-6 / 4e-6
+move a pretrained 4 B model; they would not move this one). Each stage starts from the previous stage's
+RUN/hf folder, as a user's would.
 """
 from __future__ import annotations
 
@@ -24,10 +26,9 @@ from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import competesmoe  # noqa: E402,F401
-from competesmoe.data.llava import load_llava  # noqa: E402
 from competesmoe.data.vqa_synth import VOCAB, write_vqa  # noqa: E402
 from competesmoe.eval.vqa import vqa_accuracy  # noqa: E402
-from competesmoe.train.vlm import make_trainer, prepare, vlm_preset  # noqa: E402
+from competesmoe.train.finetune import finetune, finetune_preset  # noqa: E402
 
 hf_logging.set_verbosity_error()
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -57,14 +58,21 @@ def dense_model(proc, size: int, patch: int, width: int, seed: int):
         vision_feature_select_strategy="full", vision_feature_layer=-1))
 
 
-def run_stage(name, model, proc, samples, work, overrides):
-    stage = vlm_preset(name, {"precision": "fp32", "save_steps": 10 ** 9, "logging_steps": 50, **overrides})
-    model = prepare(stage, model, log=lambda *_: None)
-    trainer = make_trainer(stage, model, proc, samples, work)
+def run_stage(stage: str, init: Path, data: Path, out: Path, sets: dict) -> dict:
+    """One stage from the model folder `init`; returns its numbers and test accuracy (model in OUT/hf)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    cfg = finetune_preset(stage, {"model.init": str(init), "data.train": str(data / "train.jsonl"),
+                                  "data.valid": str(data / "valid.jsonl"), "images": str(data / "images"),
+                                  "train.out_dir": str(out), "epochs": 0.0, "data.seq_len": 128,
+                                  "train.precision": "fp32", "train.grad_accum": 1, "train.eval_every": 10 ** 9,
+                                  "train.ckpt_every": 10 ** 9, "train.keep_last": 1, "train.tensorboard": False,
+                                  "train.log_every": 50, **sets})
     tic = time.perf_counter()
-    trainer.train()
-    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    return model, {"seconds": time.perf_counter() - tic, "last_loss": losses[-1] if losses else None}
+    summary = finetune(cfg, log=lambda *_: None)
+    seconds = time.perf_counter() - tic
+    model = AutoModelForImageTextToText.from_pretrained(out / "hf")
+    test = vqa_accuracy(model, AutoProcessor.from_pretrained(out / "hf"), data / "test.jsonl", data / "images")
+    return {"seconds": seconds, "val_loss": summary["val_loss"], "test": test}
 
 
 def main() -> int:
@@ -84,35 +92,29 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=2e-3, help="PFT learning rate (PT: 1e-3 as Table 10)")
     p.add_argument("--vit-lr", type=float, default=1e-3)
     args = p.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     work = Path(args.work)
     data = work / "data"
     if not (data / "test.jsonl").is_file():
         write_vqa(data, n_train=args.train, n_valid=100, n_test=args.test, seed=0, size=args.size)
     proc = processor(args.size, args.patch)
-    train = load_llava(data / "train.jsonl", proc, data / "images").samples
-    common = {"batch_size": args.batch, "grad_accum": 1}
     results = []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        row = {"seed": seed}
-        model = dense_model(proc, args.size, args.patch, args.width, seed)
-        model, row["pt"] = run_stage("vlm-pt", model, proc, train, work / f"s{seed}-pt",
-                                     {**common, "steps": args.pt_steps, "seed": seed})
-        model, row["pft"] = run_stage("vlm-pft", model, proc, train, work / f"s{seed}-pft",
-                                      {**common, "steps": args.pft_steps, "lr": args.lr, "seed": seed})
-        row["pft"]["test"] = vqa_accuracy(model, proc, data / "test.jsonl", data / "images")
-        print(f"seed {seed}: PT {row['pt']['seconds']:.0f} s (loss {row['pt']['last_loss']}), PFT {row['pft']['seconds']:.0f} s "
-              f"(loss {row['pft']['last_loss']}), test accuracy {row['pft']['test']['accuracy']:.3f}", flush=True)
-        state = {k: v.clone() for k, v in model.state_dict().items()}
+        row, run = {"seed": seed}, work / f"s{seed}"
+        init = run / "init"
+        dense_model(proc, args.size, args.patch, args.width, seed).save_pretrained(init)
+        proc.save_pretrained(init)
+        common = {"train.batch_size": args.batch, "train.seed": seed, "data.seed": seed}
+        row["pt"] = run_stage("vlm-pt", init, data, run / "pt", {**common, "train.steps": args.pt_steps})
+        row["pft"] = run_stage("vlm-pft", run / "pt" / "hf", data, run / "pft",
+                               {**common, "train.steps": args.pft_steps, "train.lr": args.lr})
+        print(f"seed {seed}: PT {row['pt']['seconds']:.0f} s, PFT {row['pft']['seconds']:.0f} s, "
+              f"test accuracy {row['pft']['test']['accuracy']:.3f}", flush=True)
         for arm in ("dense", "smoe", "competesmoe"):
-            m = dense_model(proc, args.size, args.patch, args.width, seed)
-            m.load_state_dict(state)
-            over = {**common, "steps": args.vit_steps, "lr": args.vit_lr, "seed": seed, "upcycle": arm != "dense",
+            sets = {**common, "train.steps": args.vit_steps, "train.lr": args.vit_lr, "model.upcycle": arm != "dense",
                     **({} if arm == "dense" else {"model.router": arm})}
-            m, row[arm] = run_stage("vlm-vit", m, proc, train, work / f"s{seed}-{arm}", over)
-            row[arm]["test"] = vqa_accuracy(m, proc, data / "test.jsonl", data / "images")
-            print(f"seed {seed} {arm}: test accuracy {row[arm]['test']['accuracy']:.3f} "
-                  f"({row[arm]['seconds']:.0f} s)", flush=True)
+            row[arm] = run_stage("vlm-vit", run / "pft" / "hf", data, run / arm, sets)
+            print(f"seed {seed} {arm}: test accuracy {row[arm]['test']['accuracy']:.3f}, validation loss "
+                  f"{row[arm]['val_loss']:.4f} ({row[arm]['seconds']:.0f} s)", flush=True)
         results.append(row)
     report = render(results, args)
     print(report)
@@ -128,14 +130,16 @@ def _ms(xs):
 
 def render(results, args) -> str:
     kinds = sorted(results[0]["pft"]["test"]["per_kind"])
-    lines = ["| arm | test accuracy | " + " | ".join(kinds) + " | VIT seconds |", "|---" * (3 + len(kinds)) + "|"]
+    lines = ["| arm | test accuracy | " + " | ".join(kinds) + " | validation loss | VIT seconds |",
+             "|---" * (4 + len(kinds)) + "|"]
     arms = [("after PFT (dense)", "pft"), ("VIT dense (control)", "dense"), ("VIT SMoE", "smoe"),
             ("VIT CompeteSMoE", "competesmoe")]
     for label, key in arms:
         acc = [r[key]["test"]["accuracy"] for r in results]
         per = [_ms([r[key]["test"]["per_kind"][k] for r in results]) for k in kinds]
         secs = "" if key == "pft" else f"{statistics.mean(r[key]['seconds'] for r in results):.0f}"
-        lines.append(f"| {label} | {_ms(acc)} | " + " | ".join(per) + f" | {secs} |")
+        val = _ms([r[key]["val_loss"] for r in results])
+        lines.append(f"| {label} | {_ms(acc)} | " + " | ".join(per) + f" | {val} | {secs} |")
     return "\n".join(lines) + f"\n\n{len(results)} seeds ({args.seeds}); mean ± std over seeds; test set of {args.test}.\n"
 
 

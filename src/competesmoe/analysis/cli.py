@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--llava", metavar="DATA", help="a vision-language model: analyse it on these LLaVA-format samples "
                                                    "(JSON/JSONL) with their images; PATHS are upcycled VLM folders, "
-                                                   "e.g. a VIT run's checkpoint-N folders")
+                                                   "e.g. a VIT run's checkpoints and RUN/hf")
     p.add_argument("--images", help="image folder of --llava")
     p.add_argument("--samples", type=int, default=256, help="first N samples of --llava")
 

@@ -192,6 +192,9 @@ def test_stage_command_pt_then_vit_and_errors(vlm_folder, tmp_path, capsys):
     model, proc = load_vlm(tmp_path / "vit" / "hf")
     assert len(moe_layers(model)) == 3                    # 2 vision layers + the connector
     assert proc.image_token_id == load_vlm(vlm_folder / "dense")[1].image_token_id
+    # continued as saved (finetune.yaml: model, data, images), one step longer
+    assert main(["vlm", "vlm-vit", "--out", str(tmp_path / "vit"), "--resume", "--steps", "3"]) == 0
+    assert json.loads((tmp_path / "vit" / "summary.json").read_text())["step"] == 3
     capsys.readouterr()
     assert main(["vlm", "vlm-pt", str(vlm_folder / "dense"), "--data", str(tmp_path / "none.jsonl"),
                  "--out", str(tmp_path / "x")]) == 1
@@ -200,6 +203,23 @@ def test_stage_command_pt_then_vit_and_errors(vlm_folder, tmp_path, capsys):
     assert main(["vlm", "vlm-pft", str(vlm_folder / "dense"), *data, "--out", str(tmp_path / "y"),
                  "--set", "trainable=head"]) == 1
     assert "trainable must be" in capsys.readouterr().err
+
+
+def test_finetune_flags_reach_the_config(tmp_path):
+    """`competesmoe finetune --targets/--llava/--images/--skip-bad` and `--steps` (explicit steps replace the
+    stages' one epoch)."""
+    import argparse
+    from competesmoe.train.finetune_cli import add_arguments, build_config
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    cfg = build_config(p.parse_args(["m", "--data", "d.json", "--llava", "--images", "imgs", "--skip-bad",
+                                     "--targets", "connector", "--preset", "vlm-pft", "--steps", "7"]))
+    assert (cfg.llava, cfg.images, cfg.skip_bad, cfg.model.targets, cfg.train.steps, cfg.epochs) == \
+        (True, "imgs", True, "connector", 7, 0.0)
+    cfg = build_config(p.parse_args(["m", "--data", "d.json", "--preset", "vlm-pt"]))
+    assert cfg.llava and cfg.epochs == 1.0 and cfg.groups == ["connector"]
+    with pytest.raises(Exception, match="settings of LLaVA-format data"):
+        build_config(p.parse_args(["m", "--data", "d.txt", "--skip-bad"]))
 
 
 def test_routing_analysis_and_eval_of_vit_checkpoints(vlm_folder, tmp_path):

@@ -148,7 +148,7 @@ class Trainer:
     # --- the loop ---------------------------------------------------------------------------------
     def train(self) -> dict:
         t = self.cfg.train
-        tokens_per_step = self.cfg.tokens_per_step
+        window_tokens = 0     # input tokens (padding included) of every rank since the last logged step
         from tqdm.auto import tqdm
         bar = tqdm(total=t.steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=None if self.dist.is_main else True)
@@ -161,6 +161,7 @@ class Trainer:
             logs = self._logs_at(self.step + 1)
             inputs = [model_inputs(next(self.batches), self.device) for _ in range(t.grad_accum)]
             shares = self._token_shares(inputs)
+            window_tokens += sum(x["input_ids"].numel() for x in inputs) * self.dist.world
             micro = [self._micro_step(x, w, i == t.grad_accum - 1, logs)         # detached scalars
                      for i, (x, w) in enumerate(zip(inputs, shares))]
             loss = sum(m["loss"] for m in micro) / t.grad_accum
@@ -181,7 +182,8 @@ class Trainer:
             if logs:
                 elapsed, tic = time.perf_counter() - tic, time.perf_counter()
                 m = step_metrics(self.dist.reduce_metrics(micro), grad_norm, lr)
-                m["tokens_per_s"] = tokens_per_step * t.log_every / elapsed if self.step % t.log_every == 0 else None
+                m["tokens_per_s"] = window_tokens / elapsed if self.step % t.log_every == 0 else None
+                window_tokens = 0
                 m["nan_skipped"] = self.nan_skipped
                 m["competing_layers"], self.competitions = self.competitions, 0
                 self.metrics.log(self.step, m)

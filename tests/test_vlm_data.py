@@ -10,7 +10,7 @@ import torch
 import transformers
 from PIL import Image
 
-from competesmoe.data.llava import BadSample, collate, encode_sample, load_llava
+from competesmoe.data.llava import BadSample, collate, encode_sample, load_llava, pixels
 from competesmoe.data.sources import DataError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -112,19 +112,58 @@ BAD = [
 ]
 
 
+@pytest.mark.parametrize("lazy", [False, True])
 @pytest.mark.parametrize("bad,message", BAD)
-def test_bad_input_names_the_sample(processor, tmp_path, bad, message):
+def test_bad_input_names_the_sample(processor, tmp_path, bad, message, lazy):
     _image(tmp_path / "a.png", 30, 30)
     (tmp_path / "junk.png").write_bytes(b"not an image")
     good = {"id": "ok", "conversations": [{"from": "human", "value": "what"}, {"from": "gpt", "value": "no"}]}
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(good) + "\n" + (bad if isinstance(bad, str) else json.dumps(bad)) + "\n")
     with pytest.raises(DataError, match=re.escape(message)) as err:
-        load_llava(path, processor, tmp_path)
+        load_llava(path, processor, tmp_path, lazy=lazy)
     name = "line 2" if isinstance(bad, str) else f"sample {bad['id']!r}"
     assert name in str(err.value) and str(path) in str(err.value)
-    data = load_llava(path, processor, tmp_path, skip_bad=True)
+    data = load_llava(path, processor, tmp_path, skip_bad=True, lazy=lazy)
     assert len(data.samples) == 1 and sum(data.skipped.values()) == 1 and "1 skipped" in data.summary()
+
+
+@pytest.mark.parametrize("aspect", ["pad", "resize"])
+def test_lazy_encoding_equals_eager(processor, tmp_path, aspect):
+    """A training set leaves its images on disk (`lazy`): the same ids and labels from the images' headers
+    alone, and the same pixel values once read (`pixels`); images of several sizes, one per sample, several,
+    none."""
+    _image(tmp_path / "a.png", 40, 20, seed=1)
+    _image(tmp_path / "b.png", 30, 50, seed=2)
+    _image(tmp_path / "c.png", 30, 30, seed=3)
+    rows = [{"id": "a", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nwhat colour"},
+                                                            {"from": "gpt", "value": "red"}]},
+            {"id": "bc", "image": ["b.png", "c.png"], "conversations": [
+                {"from": "human", "value": "<image> left of <image>"}, {"from": "gpt", "value": "yes"},
+                {"from": "human", "value": "how many"}, {"from": "gpt", "value": "two one"}]},
+            {"id": "t", "conversations": [{"from": "human", "value": "what"}, {"from": "gpt", "value": "no"}]}]
+    path = _write(tmp_path / "d.jsonl", rows)
+    eager = load_llava(path, processor, tmp_path, aspect=aspect).samples
+    lazy = load_llava(path, processor, tmp_path, aspect=aspect, lazy=True).samples
+    assert [s.pixel_values for s in lazy] == [None] * 3
+    assert [len(s.image_paths) for s in lazy] == [1, 2, 0]
+    for e, l in zip(eager, lazy):
+        assert torch.equal(e.input_ids, l.input_ids) and torch.equal(e.labels, l.labels)
+        got = pixels(l, processor, aspect)
+        assert (got is None and e.pixel_values is None) or torch.equal(got, e.pixel_values)
+
+
+def test_an_image_damaged_after_its_header_is_named_when_read(processor, tmp_path):
+    """The header is read at load time (missing and unreadable files are found there); a file whose pixels
+    cannot be decoded stops training with the sample named."""
+    _image(tmp_path / "a.png", 30, 30)
+    data = (tmp_path / "a.png").read_bytes()
+    (tmp_path / "a.png").write_bytes(data[:len(data) // 2])             # the header survives
+    row = {"id": "late", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nwhat"},
+                                                             {"from": "gpt", "value": "red"}]}
+    sample = load_llava(_write(tmp_path / "d.jsonl", [row]), processor, tmp_path, lazy=True).samples[0]
+    with pytest.raises(DataError, match=r"sample 'late' .*a\.png cannot be read .*its pixels do not"):
+        pixels(sample, processor)
 
 
 def test_truncation_keeps_the_start_and_refuses_to_cut_an_image(processor, tmp_path):

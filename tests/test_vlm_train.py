@@ -144,14 +144,15 @@ def test_validation_loss_is_the_reply_tokens_mean(vlm_folder):
     """The trainer's validation loss of a VLM: mean cross-entropy over the reply tokens, by hand."""
     from competesmoe.train.finetune import HFCausalLM
     from competesmoe.train.validation import lm_loss
-    from competesmoe.data.llava import load_llava_data
+    from competesmoe.data.llava import load_llava_data, pixels
     model, proc = load_vlm(vlm_folder / "dense")
     data = load_llava_data(vlm_folder / "data.jsonl", None, 0.5, proc, vlm_folder / "images", 128)
+    assert all(s.pixel_values is None and s.image_paths for s in data.valid.samples)   # read batch by batch
     got = lm_loss(HFCausalLM(model), data.valid_batches(4))
     nll, n = 0.0, 0
     with torch.no_grad():
         for s in data.valid.samples:
-            logits = model(input_ids=s.input_ids[None], pixel_values=s.pixel_values).logits[0].double()
+            logits = model(input_ids=s.input_ids[None], pixel_values=pixels(s, proc)).logits[0].double()
             for t in range(len(s.labels) - 1):
                 if s.labels[t + 1] != -100:
                     nll -= float(torch.log_softmax(logits[t], -1)[s.labels[t + 1]])

@@ -26,7 +26,9 @@ Bad input (a malformed line, no conversations, an unknown role, a missing or unr
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,12 +46,16 @@ IMAGE = "<image>"
 
 @dataclass
 class VisionSample:
-    """One encoded sample: ids [S], labels [S] (-100: no loss), pixel_values [n_images, 3, H, W] or None."""
+    """One encoded sample: ids [S], labels [S] (-100: no loss), pixel_values [n_images, 3, H, W] or None.
+    A lazily encoded sample (`lazy=True`) holds its image files instead (`image_paths`; pixel_values None
+    until `pixels` reads them)."""
     id: str
     input_ids: torch.Tensor
     labels: torch.Tensor
     pixel_values: torch.Tensor | None
     truncated: bool = False
+    image_paths: tuple[Path, ...] = ()
+    where: str = ""
 
 
 @dataclass
@@ -123,12 +129,11 @@ def _messages(obj: Any, where: str) -> list[dict]:
     return msgs
 
 
-def _load_images(obj: dict, where: str, images: Path | None, aspect: str, background: tuple[int, ...]) -> list:
+def _image_paths(obj: dict, where: str, images: Path | None) -> list[Path]:
     names = obj.get("image")
     if names is None:
         return []
     names = names if isinstance(names, list) else [names]
-    from PIL import Image, UnidentifiedImageError
     out = []
     for name in names:
         if not isinstance(name, str) or not name:
@@ -137,13 +142,61 @@ def _load_images(obj: dict, where: str, images: Path | None, aspect: str, backgr
         if not path.is_file():
             raise BadSample(where, "missing image", f"image {path} not found" + ("" if images is not None else
                                                                                    " (pass the image folder: --images DIR)"))
-        try:
-            with Image.open(path) as im:
-                img = im.convert("RGB")
-        except (UnidentifiedImageError, OSError) as e:
-            raise BadSample(where, "unreadable image", f"image {path} cannot be read ({e})") from None
-        out.append(expand_to_square(img, background) if aspect == "pad" else img)
+        out.append(path)
     return out
+
+
+def _background(processor: Any) -> tuple[int, ...]:
+    """LLaVA-1.5's padding colour: the processor's mean, in 0..255."""
+    return tuple(int(round(255 * m)) for m in getattr(processor.image_processor, "image_mean", (0.5, 0.5, 0.5)))
+
+
+def _open_image(path: Path, where: str, aspect: str, background: tuple[int, ...]) -> Any:
+    """The image, decoded, RGB, padded to a square for `aspect="pad"`."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            img = im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise BadSample(where, "unreadable image", f"image {path} cannot be read ({e})") from None
+    return expand_to_square(img, background) if aspect == "pad" else img
+
+
+def _image_size(path: Path, where: str, aspect: str) -> tuple[int, int]:
+    """The size the processor will see (after padding), from the file's header: nothing is decoded."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except (UnidentifiedImageError, OSError) as e:
+        raise BadSample(where, "unreadable image", f"image {path} cannot be read ({e})") from None
+    return (max(w, h), max(w, h)) if aspect == "pad" else (w, h)
+
+
+_IMAGE_TOKENS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def _tokens_per_image(processor: Any, size: tuple[int, int]) -> int:
+    """How many image tokens the processor expands one image of `size` into (LLaVA-1.5: a constant; size-
+    dependent processors: by size), measured once per processor and size on a blank image."""
+    cache = _IMAGE_TOKENS.setdefault(processor, {})
+    if size not in cache:
+        from PIL import Image
+        token = getattr(processor, "image_token", IMAGE)
+        enc = processor(images=[Image.new("RGB", size)], text=token, return_tensors="pt")
+        cache[size] = int((enc["input_ids"][0] == processor.image_token_id).sum())
+    return cache[size]
+
+
+def pixels(sample: VisionSample, processor: Any, aspect: str = "pad") -> torch.Tensor | None:
+    """The pixel values of a sample's images (read now for a lazily encoded sample)."""
+    if sample.pixel_values is not None or not sample.image_paths:
+        return sample.pixel_values
+    try:
+        imgs = [_open_image(p, sample.where, aspect, _background(processor)) for p in sample.image_paths]
+    except BadSample as e:   # readable at load (its header), not now: the file is damaged
+        raise DataError(f"{e} (found while training: its header read at load time, its pixels do not)") from None
+    return processor.image_processor(images=imgs, return_tensors="pt")["pixel_values"]
 
 
 def _render(processor: Any, msgs: list[dict], gen: bool = False) -> str:
@@ -155,26 +208,34 @@ def _render(processor: Any, msgs: list[dict], gen: bool = False) -> str:
 
 
 def encode_sample(obj: Any, where: str, processor: Any, images: Path | None = None, max_length: int | None = None,
-                  aspect: str = "pad") -> VisionSample:
-    """One sample through the processor; raises `BadSample` naming it."""
+                  aspect: str = "pad", lazy: bool = False) -> VisionSample:
+    """One sample through the processor; raises `BadSample` naming it. `lazy`: the images' headers are read
+    (missing and unreadable files are found here) and their token counts measured, but their pixels are
+    left on disk until `pixels` (a training set of 665K samples does not fit in memory as pixel values)."""
     if isinstance(obj, BadSample):
         raise obj
     if isinstance(obj, dict) and "id" in obj:
         where = f"sample {obj['id']!r} ({where})"
     msgs = _messages(obj, where)
     image_token = getattr(processor, "image_token", IMAGE)
-    background = tuple(int(round(255 * m)) for m in getattr(processor.image_processor, "image_mean", (0.5, 0.5, 0.5)))
-    imgs = _load_images(obj, where, images, aspect, background)
+    paths = _image_paths(obj, where, images)
     n_placeholders = sum(m["content"].count(image_token) for m in msgs)
-    if n_placeholders != len(imgs):
-        raise BadSample(where, "image count", f"{n_placeholders} {image_token} placeholder(s) for {len(imgs)} image(s)")
+    if n_placeholders != len(paths):
+        raise BadSample(where, "image count", f"{n_placeholders} {image_token} placeholder(s) for {len(paths)} image(s)")
     if any(image_token in m["content"] for m in msgs if m["role"] != "user"):
         raise BadSample(where, "image count", f"{image_token} outside a human turn")
     text = _render(processor, msgs)
-    enc = processor(images=imgs or None, text=text, return_tensors="pt")
-    ids = enc["input_ids"][0]
     image_id = processor.image_token_id
-    per_image = int((ids == image_id).sum()) // max(len(imgs), 1)
+    counts = {_tokens_per_image(processor, _image_size(p, where, aspect)) for p in paths} if lazy else set()
+    if len(counts) <= 1 and lazy:      # the token ids without decoding an image
+        per_image, pixel_values = (counts.pop() if counts else 0), None
+        ids = torch.tensor(processor.tokenizer(text.replace(image_token, image_token * per_image),
+                                               add_special_tokens=False)["input_ids"], dtype=torch.long)
+    else:                             # eager (or a sample whose images expand to different counts)
+        imgs = [_open_image(p, where, aspect, _background(processor)) for p in paths]
+        enc = processor(images=imgs or None, text=text, return_tensors="pt")
+        ids, pixel_values = enc["input_ids"][0], enc.get("pixel_values")
+        per_image = int((ids == image_id).sum()) // max(len(imgs), 1)
     expand = lambda s: s.replace(image_token, image_token * per_image)
 
     def n_tokens(s: str) -> int:
@@ -198,12 +259,14 @@ def encode_sample(obj: Any, where: str, processor: Any, images: Path | None = No
             raise BadSample(where, "too long", f"{len(ids)} tokens: truncating to max_length={max_length} would cut "
                                                f"an image's tokens")
         ids, labels = ids[:max_length], labels[:max_length]
-    return VisionSample(str(obj.get("id", where)), ids, labels, enc.get("pixel_values"), truncated)
+    return VisionSample(str(obj.get("id", where)), ids, labels, pixel_values, truncated,
+                        tuple(paths) if pixel_values is None else (), where)
 
 
 def load_llava(path: str | Path, processor: Any, images: str | Path | None = None, max_length: int | None = None,
-               aspect: str = "pad", skip_bad: bool = False) -> VisionData:
-    """Every sample of `path`, encoded; bad ones raise (or, with `skip_bad`, are counted by reason)."""
+               aspect: str = "pad", skip_bad: bool = False, lazy: bool = False) -> VisionData:
+    """Every sample of `path`, encoded (`lazy`: images left on disk, `encode_sample`); bad ones raise (or,
+    with `skip_bad`, are counted by reason)."""
     if aspect not in ("pad", "resize"):
         raise DataError(f"aspect must be 'pad' (LLaVA-1.5) or 'resize', got {aspect!r}")
     images = Path(images) if images is not None else None
@@ -212,7 +275,7 @@ def load_llava(path: str | Path, processor: Any, images: str | Path | None = Non
     data = VisionData([])
     for where, obj in read_llava(path):
         try:
-            sample = encode_sample(obj, where, processor, images, max_length, aspect)
+            sample = encode_sample(obj, where, processor, images, max_length, aspect, lazy)
         except BadSample as e:
             if not skip_bad:
                 raise
@@ -252,14 +315,15 @@ def training_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class SampleBatches(BatchIterator):
-    """`BatchIterator`'s seeded order and resumable position over whole samples, collated per batch."""
+    """`BatchIterator`'s seeded order and resumable position over whole samples, collated per batch (`batch`:
+    samples -> the trainer's batch, images read then)."""
 
-    def __init__(self, samples: list[VisionSample], batch_size: int, seed: int, pad_id: int, max_length: int):
-        self.samples, self.pad_id, self.seq_len = samples, pad_id, max_length
+    def __init__(self, samples: list[VisionSample], batch_size: int, seed: int, batch: Any, max_length: int):
+        self.samples, self.batch, self.seq_len = samples, batch, max_length
         self._start(len(samples), batch_size, seed)
 
     def take(self, index: np.ndarray) -> dict[str, torch.Tensor]:
-        return training_batch(collate([self.samples[i] for i in index], self.pad_id))
+        return self.batch([self.samples[i] for i in index])
 
 
 @dataclass
@@ -270,6 +334,7 @@ class LlavaData:
     train: VisionData
     valid: VisionData | None
     max_length: int
+    aspect: str = "pad"
 
     @property
     def tokenizer(self):
@@ -289,19 +354,36 @@ class LlavaData:
         tok = self.processor.tokenizer
         return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
-    def train_batches(self, batch_size: int, seed: int = 0) -> SampleBatches:
-        return SampleBatches(self.train.samples, batch_size, seed, self.pad_id, self.max_length)
+    def batch(self, samples: list[VisionSample]) -> dict[str, torch.Tensor]:
+        """The trainer's batch of `samples`, their images read from disk where they were left there."""
+        ready = [dataclasses.replace(s, pixel_values=pixels(s, self.processor, self.aspect)) for s in samples]
+        return training_batch(collate(ready, self.pad_id))
 
-    def valid_batches(self, batch_size: int, max_batches: int | None = None) -> list[dict[str, torch.Tensor]]:
+    def train_batches(self, batch_size: int, seed: int = 0) -> SampleBatches:
+        return SampleBatches(self.train.samples, batch_size, seed, self.batch, self.max_length)
+
+    def valid_batches(self, batch_size: int, max_batches: int | None = None):
+        """Batches in file order (re-iterable; images read batch by batch)."""
         if self.valid is None:
             raise DataError("no validation split (set data.valid, or data.valid_fraction > 0)")
         s = self.valid.samples
         starts = range(0, len(s), batch_size)
         starts = starts if max_batches is None else starts[:max_batches]
-        return [training_batch(collate(s[i:i + batch_size], self.pad_id)) for i in starts]
+        return _Batches(lambda: (self.batch(s[i:i + batch_size]) for i in starts), len(starts))
 
     def summary(self) -> str:
         return f"train {self.train.summary()}" + (f"; valid {self.valid.summary()}" if self.valid else "")
+
+
+class _Batches:
+    def __init__(self, make: Any, n: int) -> None:
+        self.make, self.n = make, n
+
+    def __iter__(self):
+        return self.make()
+
+    def __len__(self) -> int:
+        return self.n
 
 
 def hold_out(data: VisionData, fraction: float) -> tuple[VisionData, VisionData]:
@@ -318,16 +400,17 @@ def hold_out(data: VisionData, fraction: float) -> tuple[VisionData, VisionData]
 
 def load_llava_data(train: str | Path, valid: str | Path | None, valid_fraction: float, processor: Any,
                     images: str | Path | None, max_length: int, aspect: str = "pad", skip_bad: bool = False) -> LlavaData:
-    """Training (and validation: the `valid` file, else `valid_fraction` of `train`) samples for the trainer."""
-    data = load_llava(train, processor, images, max_length, aspect, skip_bad)
+    """Training (and validation: the `valid` file, else `valid_fraction` of `train`) samples for the trainer,
+    encoded lazily (images read batch by batch)."""
+    data = load_llava(train, processor, images, max_length, aspect, skip_bad, lazy=True)
     if valid is not None:
-        held = load_llava(valid, processor, images, max_length, aspect, skip_bad)
+        held = load_llava(valid, processor, images, max_length, aspect, skip_bad, lazy=True)
     elif valid_fraction > 0:
         data, held = hold_out(data, valid_fraction)
     else:
         held = None
-    return LlavaData(processor, data, held, max_length)
+    return LlavaData(processor, data, held, max_length, aspect)
 
 
 __all__ = ["VisionSample", "VisionData", "BadSample", "read_llava", "encode_sample", "load_llava", "collate",
-           "expand_to_square", "ROLES", "training_batch", "SampleBatches", "LlavaData", "hold_out", "load_llava_data"]
+           "expand_to_square", "ROLES", "training_batch", "SampleBatches", "LlavaData", "hold_out", "load_llava_data", "pixels"]

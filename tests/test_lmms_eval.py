@@ -1,4 +1,4 @@
-"""lmms-eval (an optional extra: `pip install 'lmms-eval>=0.7.3,<0.8' decord`) scores an upcycled LLaVA folder
+"""lmms-eval (optional, installed on its own: `pip install 'lmms-eval>=0.7.3,<0.8' decord 'filelock<4'`) scores an upcycled LLaVA folder
 through the `competesmoe_llava` model this package registers (entry point `lmms_eval.models`): a local
 task (JSON data, images from Pillow, exact match) runs end to end offline, the model lmms-eval loaded is the
 upcycled one (its MoE layers), and its answers are the greedy answers of that model generated here."""
@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-lmms_eval = pytest.importorskip("lmms_eval", reason="lmms-eval is an optional extra (docs/vlm.md, section 7)")
+lmms_eval = pytest.importorskip("lmms_eval", reason="lmms-eval is optional and not installed (docs/vlm.md, section 7)")
 pytestmark = [pytest.mark.lmms, pytest.mark.usefixtures("one_thread")]
 
 from test_vlm_train import WORDS, vlm_folder  # noqa: E402,F401  (the tiny LLaVA and its data)

@@ -1,7 +1,7 @@
 """lmms-eval, the harness of the paper's VLM benchmarks (Table 1: MME, MMBench, ...), scoring upcycled LLaVA
 folders (`competesmoe upcycle` OUT, a `competesmoe vlm` run's RUN/hf).
 
-    pip install 'lmms-eval>=0.7.3,<0.8' decord          # optional; not in constraints.txt (docs/vlm.md)
+    pip install 'lmms-eval>=0.7.3,<0.8' decord 'filelock<4'   # optional; not in constraints.txt (docs/vlm.md)
     python -m lmms_eval --model competesmoe_llava --model_args pretrained=runs/vit/hf --tasks mme --batch_size 1
 
 lmms-eval's own `llava_hf` model looks the folder's `model_type` up in a fixed table, which

@@ -24,13 +24,13 @@ done
 
 # 3. fine-tune: vit preset (4 experts, K 2, switch 0.01 + z 0.001, ω 0.07, A_max 9, warm-up 5%) at a
 #    CPU-sized batch and a tiny-model learning rate; seed s = router init, data order and trainer seed.
-#    The recorded results also have a "dense continued" arm (seeds 1-3), fine-tuned with --router smoe
-#    --experts 1 --top-k 1; one expert is refused since 2026-12-05 (it is the dense MLP, not an MoE), so
-#    this script no longer runs that arm.
+#    "dense": the dense model trained as long, not upcycled (model.upcycle=false; the recorded results ran
+#    this arm as --router smoe --experts 1 --top-k 1, refused since 2026-12-05: one expert is the dense MLP).
 for s in 1 2 3; do
-  for r in smoe competesmoe; do
+  for r in smoe competesmoe dense; do
     run="$OUT/ft-$r-s$s"
     arm="--router $r"
+    [ "$r" = dense ] && arm="--set model.upcycle=false"
     [ -f "$run/summary.json" ] || $CS finetune "$OUT/dense" $arm --data $GB/train.jsonl.gz \
       --valid $GB/valid.jsonl.gz --out "$run" --steps "$FT_STEPS" --precision fp32 \
       --set data.seq_len=128 --set train.batch_size=16 --set train.grad_accum=1 --set train.lr=1e-3 \
@@ -41,7 +41,7 @@ for s in 1 2 3; do
 done
 
 # 4. validation perplexity and BLiMP (first 100 pairs of each of the 67 paradigms)
-$CS eval "$OUT/dense" "$OUT"/ft-smoe-s{1,2,3} "$OUT"/ft-competesmoe-s{1,2,3} \
+$CS eval "$OUT/dense" "$OUT"/ft-smoe-s{1,2,3} "$OUT"/ft-competesmoe-s{1,2,3} "$OUT"/ft-dense-s{1,2,3} \
   --tasks valid_ppl,blimp --limit 100 --batch-size 32 --no-progress --out "$OUT/eval"
 
 # 5. routing views: ECR between consecutive checkpoints, router-competition agreement, entropies

@@ -4,6 +4,7 @@ the competition callback, and the clear errors."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -206,6 +207,17 @@ def test_finetune_competesmoe_dense_model_is_a_train_run(corpus, tmp_path):
     assert run_cfg.model.moe.n_experts == 4 and run_cfg.model.moe.d_expert == 32 and not run_cfg.model.dense
     assert any(r.get("competing_layers", 0) for r in rows(tmp_path / "run"))
     assert (tmp_path / "run" / "hf" / "config.json").is_file()
+    # model.upcycle=false: the dense model trained as it is (a "dense continued" baseline)
+    cfg = small_run(tmp_path, src, corpus / "train.jsonl", **{"train.steps": 3, "train.eval_every": 3,
+                                                             "train.out_dir": str(tmp_path / "dense-run"),
+                                                             "model.upcycle": False,
+                                                             "data.cache_dir": str(tmp_path / "cache"),
+                                                             "data.progress": False})
+    summary = finetune(cfg, log=lambda *_: None)
+    model, run_cfg, _ = load_trained(tmp_path / "dense-run", log=lambda *_: None)
+    assert run_cfg.model.dense and summary["step"] == 3 and math.isfinite(summary["val_loss"])
+    assert [l.cfg.n_experts for l in moe_layers(model)] == [1, 1]        # a dense block: its FFN as one expert
+    assert all(r.get("competing_layers", 0) == 0 for r in rows(tmp_path / "dense-run"))
 
 
 def test_finetune_errors(llama_folder, corpus, tmp_path):

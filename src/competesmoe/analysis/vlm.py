@@ -27,11 +27,9 @@ from .shift import top_k_shift
 
 def vlm_batches(data: str | Path, processor: Any, images: str | Path | None, max_samples: int = 256,
                 batch_size: int = 16, aspect: str = "pad") -> list[dict[str, torch.Tensor]]:
-    from ..data.llava import collate, load_llava
+    from ..data.llava import collate, load_llava, pad_id
     samples = load_llava(data, processor, images, aspect=aspect).samples[:max_samples]
-    pad = processor.tokenizer.pad_token_id
-    pad = pad if pad is not None else 0
-    return [collate(samples[i:i + batch_size], pad) for i in range(0, len(samples), batch_size)]
+    return [collate(samples[i:i + batch_size], pad_id(processor)) for i in range(0, len(samples), batch_size)]
 
 
 @torch.no_grad()

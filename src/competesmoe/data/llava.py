@@ -26,6 +26,7 @@ Bad input (a malformed line, no conversations, an unknown role, a missing or unr
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import weakref
@@ -151,25 +152,29 @@ def _background(processor: Any) -> tuple[int, ...]:
     return tuple(int(round(255 * m)) for m in getattr(processor.image_processor, "image_mean", (0.5, 0.5, 0.5)))
 
 
-def _open_image(path: Path, where: str, aspect: str, background: tuple[int, ...]) -> Any:
-    """The image, decoded, RGB, padded to a square for `aspect="pad"`."""
+@contextlib.contextmanager
+def _opened(path: Path, where: str):
+    """The image file opened with Pillow; a file Pillow cannot read (or decode, inside the block) is a
+    `BadSample` naming the sample."""
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(path) as im:
-            img = im.convert("RGB")
+            yield im
     except (UnidentifiedImageError, OSError) as e:
         raise BadSample(where, "unreadable image", f"image {path} cannot be read ({e})") from None
+
+
+def _open_image(path: Path, where: str, aspect: str, background: tuple[int, ...]) -> Any:
+    """The image, decoded, RGB, padded to a square for `aspect="pad"`."""
+    with _opened(path, where) as im:
+        img = im.convert("RGB")
     return expand_to_square(img, background) if aspect == "pad" else img
 
 
 def _image_size(path: Path, where: str, aspect: str) -> tuple[int, int]:
     """The size the processor will see (after padding), from the file's header: nothing is decoded."""
-    from PIL import Image, UnidentifiedImageError
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-    except (UnidentifiedImageError, OSError) as e:
-        raise BadSample(where, "unreadable image", f"image {path} cannot be read ({e})") from None
+    with _opened(path, where) as im:
+        w, h = im.size
     return (max(w, h), max(w, h)) if aspect == "pad" else (w, h)
 
 
@@ -192,8 +197,9 @@ def pixels(sample: VisionSample, processor: Any, aspect: str = "pad") -> torch.T
     """The pixel values of a sample's images (read now for a lazily encoded sample)."""
     if sample.pixel_values is not None or not sample.image_paths:
         return sample.pixel_values
+    background = _background(processor)
     try:
-        imgs = [_open_image(p, sample.where, aspect, _background(processor)) for p in sample.image_paths]
+        imgs = [_open_image(p, sample.where, aspect, background) for p in sample.image_paths]
     except BadSample as e:   # readable at load (its header), not now: the file is damaged
         raise DataError(f"{e} (found while training: its header read at load time, its pixels do not)") from None
     return processor.image_processor(images=imgs, return_tensors="pt")["pixel_values"]
@@ -305,6 +311,12 @@ def collate(samples: list[VisionSample], pad_id: int) -> dict[str, torch.Tensor]
     return out
 
 
+def pad_id(processor: Any) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its EOS, else 0 (padding is masked out)."""
+    tok = processor.tokenizer
+    return next((i for i in (tok.pad_token_id, tok.eos_token_id) if i is not None), 0)
+
+
 def training_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A `collate` batch as the trainer feeds it (`data.batches.model_inputs`): labels [B, S] become
     next-token targets [B, S] (targets[:, t] = labels[:, t + 1], -100 last), so the loss compares every
@@ -349,41 +361,24 @@ class LlavaData:
         """Training samples (an epoch's)."""
         return len(self.train.samples)
 
-    @property
-    def pad_id(self) -> int:
-        tok = self.processor.tokenizer
-        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
     def batch(self, samples: list[VisionSample]) -> dict[str, torch.Tensor]:
         """The trainer's batch of `samples`, their images read from disk where they were left there."""
         ready = [dataclasses.replace(s, pixel_values=pixels(s, self.processor, self.aspect)) for s in samples]
-        return training_batch(collate(ready, self.pad_id))
+        return training_batch(collate(ready, pad_id(self.processor)))
 
     def train_batches(self, batch_size: int, seed: int = 0) -> SampleBatches:
         return SampleBatches(self.train.samples, batch_size, seed, self.batch, self.max_length)
 
     def valid_batches(self, batch_size: int, max_batches: int | None = None):
-        """Batches in file order (re-iterable; images read batch by batch)."""
+        """Batches in file order (images read batch by batch), up to `max_batches`."""
         if self.valid is None:
             raise DataError("no validation split (set data.valid, or data.valid_fraction > 0)")
         s = self.valid.samples
         starts = range(0, len(s), batch_size)
-        starts = starts if max_batches is None else starts[:max_batches]
-        return _Batches(lambda: (self.batch(s[i:i + batch_size]) for i in starts), len(starts))
+        return (self.batch(s[i:i + batch_size]) for i in (starts if max_batches is None else starts[:max_batches]))
 
     def summary(self) -> str:
         return f"train {self.train.summary()}" + (f"; valid {self.valid.summary()}" if self.valid else "")
-
-
-class _Batches:
-    def __init__(self, make: Any, n: int) -> None:
-        self.make, self.n = make, n
-
-    def __iter__(self):
-        return self.make()
-
-    def __len__(self) -> int:
-        return self.n
 
 
 def hold_out(data: VisionData, fraction: float) -> tuple[VisionData, VisionData]:
@@ -413,4 +408,4 @@ def load_llava_data(train: str | Path, valid: str | Path | None, valid_fraction:
 
 
 __all__ = ["VisionSample", "VisionData", "BadSample", "read_llava", "encode_sample", "load_llava", "collate",
-           "expand_to_square", "ROLES", "training_batch", "SampleBatches", "LlavaData", "hold_out", "load_llava_data", "pixels"]
+           "expand_to_square", "ROLES", "training_batch", "SampleBatches", "LlavaData", "hold_out", "load_llava_data", "pixels", "pad_id"]

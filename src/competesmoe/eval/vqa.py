@@ -19,12 +19,11 @@ import torch
 def score_candidates(model: Any, processor: Any, row: dict, candidates: tuple[str, ...], images: Path | None,
                      aspect: str = "pad") -> torch.Tensor:
     """Sum of log p(reply tokens) for each candidate reply to the sample's first human turn: [C]."""
-    from ..data.llava import collate, encode_sample
+    from ..data.llava import collate, encode_sample, pad_id
     first = row["conversations"][0]
     samples = [encode_sample({**row, "conversations": [first, {"from": "gpt", "value": c}]}, row.get("id", "?"),
                              processor, images, aspect=aspect) for c in candidates]
-    pad = processor.tokenizer.pad_token_id
-    batch = collate(samples, pad if pad is not None else 0)
+    batch = collate(samples, pad_id(processor))
     device = next(model.parameters()).device
     labels = batch.pop("labels").to(device)
     out = model(**{k: v.to(device) for k, v in batch.items()})

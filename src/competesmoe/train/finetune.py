@@ -87,16 +87,20 @@ class FinetuneConfig(Config):
         return UpcycleConfig.from_dict({k: v for k, v in self.model.to_dict().items() if k not in ("init", "upcycle")})
 
     @property
+    def _trainable(self) -> list[str]:
+        return [t for t in self.trainable.replace(" ", "").split(",") if t]
+
+    @property
     def groups(self) -> list[str] | None:
         """The module groups that train, in TARGETS order; None: all."""
-        text = self.trainable.replace(" ", "")
-        return None if text == "all" else [t for t in TARGETS if t in text.split(",")]
+        names = self._trainable
+        return None if names == ["all"] else [t for t in TARGETS if t in names]
 
     def validate(self) -> None:
         E = self.train.expert_parallel
         check(self.model.experts % E == 0, f"train.expert_parallel={E} must divide the {self.model.experts} experts "
                                            f"of each layer")
-        names = [t for t in self.trainable.replace(" ", "").split(",") if t]
+        names = self._trainable
         check(names == ["all"] or (bool(names) and all(t in TARGETS for t in names)),
               f"trainable must be 'all' or a comma-separated subset of {','.join(TARGETS)}, got {self.trainable!r}")
         check(not (self.chat and self.llava), "chat and llava are two data formats: set one")

@@ -14,7 +14,7 @@ import argparse
 
 from ..config import apply_overrides, check
 from .distributed import is_main_process
-from .finetune import FINETUNE_PRESETS, VLM_STAGES, FinetuneConfig, finetune, finetune_preset, init_spec
+from .finetune import FINETUNE_PRESETS, FinetuneConfig, finetune, finetune_preset, init_spec
 from .runs import saved_run_config
 from .upcycle_cli import add_spec_arguments
 
@@ -56,7 +56,7 @@ def build_config(args: argparse.Namespace):
             cfg = apply_overrides(cfg, {f"model.{k}": v for k, v in have.items() if not isinstance(v, dict)})
             cfg = apply_overrides(cfg, {f"model.{k}.{kk}": vv for k, v in have.items() if isinstance(v, dict)
                                         for kk, vv in v.items()})
-    llava = getattr(args, "llava", False) or args.preset in VLM_STAGES or args.images is not None
+    llava = getattr(args, "llava", False) or args.images is not None     # (the vlm-* presets set it themselves)
     flags = {"model.init": args.init, "data.train": args.data, "data.valid": args.valid,
              "chat": getattr(args, "chat", False) or None, "llava": llava or None, "images": args.images,
              "skip_bad": args.skip_bad or None, "train.steps": args.steps,

@@ -208,14 +208,12 @@ class Trainer:
     def _token_shares(self, inputs: list[dict[str, torch.Tensor]]) -> list[float | None]:
         """Each micro-batch's LM-loss weight, so that the step's loss is the mean over all of its target tokens
         (every micro-batch, every rank) however they fall: n_i · P · grad_accum / N. Chat and image-text
-        samples carry different numbers of reply tokens; where every micro-batch has the same count
-        (packed pre-training) the weights are 1 and nothing changes (None)."""
-        counts = [int((x["targets"] >= 0).sum()) for x in inputs]
+        samples carry different numbers of reply tokens; a micro-batch holding exactly its share (packed
+        pre-training: all of them) keeps its loss as it is (None)."""
+        counts = torch.stack([(x["targets"] >= 0).sum() for x in inputs]).tolist()   # one device sync
         total = self.dist.total(sum(counts))
         per = total / (len(counts) * self.dist.world)
-        if self.dist.all_agree(all(c == per for c in counts)):
-            return [None] * len(counts)
-        return [c / per if total else 0.0 for c in counts]
+        return [None if c == per else (c / per if total else 0.0) for c in counts]
 
     def _micro_step(self, inputs: dict[str, torch.Tensor], share: float | None = None, last: bool = True,
                     detail: bool = True) -> dict[str, torch.Tensor]:

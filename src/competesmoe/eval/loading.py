@@ -121,8 +121,7 @@ def load_finetune_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], cfg
     """A `competesmoe finetune` checkpoint of a Hugging Face model: rebuild the upcycled architecture,
     then load every weight from the checkpoint (missing or unexpected ones are an error)."""
     from transformers import AutoConfig
-    from ..model.upcycle import is_upcycled, upcycle
-    from ..train.finetune import FinetuneConfig, HFCausalLM, _use_settings
+    from ..train.finetune import FinetuneConfig, HFCausalLM, as_configured
     from ..train.loading import auto_class
     from ..train.runs import load_weights
     cfg = FinetuneConfig.from_dict(cfg_dict)
@@ -134,11 +133,7 @@ def load_finetune_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], cfg
     except OSError as e:
         raise DataError(f"{folder}: the fine-tuning run has no RUN/hf yet and its model.init ({arch}) cannot be "
                         f"read ({e}); the architecture is needed to load the checkpoint") from e
-    hf = auto_class(config).from_config(config)
-    if not is_upcycled(hf) and cfg.model.upcycle:
-        hf = upcycle(hf, cfg.spec)
-    if is_upcycled(hf):
-        _use_settings(hf, cfg.spec)
+    hf = as_configured(auto_class(config).from_config(config), cfg, log=lambda *_: None)   # as the run built it
     model = HFCausalLM(hf)
     load_weights(model, tensors, folder)
     tok = _tokenizer(*([final] if (final / "config.json").is_file() else []), cfg.model.init)

@@ -263,6 +263,22 @@ def _use_settings(model: nn.Module, spec: UpcycleConfig) -> None:
         layer.experts.backend = spec.backend
 
 
+def as_configured(hf: nn.Module, cfg: FinetuneConfig, log: Callable[[str], None] = print) -> nn.Module:
+    """The Hugging Face model as `cfg` trains it: an upcycled one keeps its structure and takes cfg's
+    competition, losses and dispatch (`_use_settings`, recorded in its config); a dense one is upcycled
+    with `cfg.spec`, unless `model.upcycle=false`."""
+    spec = cfg.spec
+    if is_upcycled(hf):
+        _use_settings(hf, spec)
+        saved = hf.config.competesmoe["upcycle"].get("targets", "language")   # the structure it was built with
+        hf.config.competesmoe["upcycle"] = {**spec.to_dict(), "targets": saved}   # saved with the final model
+    elif cfg.model.upcycle:
+        hf = upcycle(hf, spec)
+        log(f"upcycled {cfg.model.init}: {spec.experts} experts, K {spec.top_k}, router {spec.router}, "
+            f"targets {hf.config.competesmoe['upcycle']['targets']}")
+    return hf
+
+
 def build(cfg: FinetuneConfig, log: Callable[[str], None] = print, writes: bool = True):
     """(config to record, model for the Trainer, data or None, writer of the final HF folder from a full state
     dict). `writes`: this process writes the run folder's files (rank 0 under torchrun)."""
@@ -301,15 +317,7 @@ def build(cfg: FinetuneConfig, log: Callable[[str], None] = print, writes: bool 
             load_weights(full, state, "the trained model")
             save_hf(full, tok, folder)
         return run, model, None, write_transformer
-    hf = load_dense_hf(init)
-    if is_upcycled(hf):
-        _use_settings(hf, spec)
-        saved = hf.config.competesmoe["upcycle"].get("targets", "language")   # the structure it was built with
-        hf.config.competesmoe["upcycle"] = {**spec.to_dict(), "targets": saved}   # saved with the final model
-    elif cfg.model.upcycle:
-        hf = upcycle(hf, spec)
-        log(f"upcycled {init}: {spec.experts} experts, K {spec.top_k}, router {spec.router}, "
-            f"targets {hf.config.competesmoe['upcycle']['targets']}")
+    hf = as_configured(load_dense_hf(init), cfg, log)
     if cfg.groups is not None:
         counts = freeze(hf, cfg.groups)
         log("parameters: " + ", ".join(f"{g} {counts[g]:,}" for g in TARGETS) + f"; training {counts['trainable']:,} "
